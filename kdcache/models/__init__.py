@@ -1,0 +1,6 @@
+"""Model zoo: built-in teachers/students, torchvision classifiers, factories, and weight loading."""
+
+from .registry import build_model, has_distill_heads, model_names, param_count
+from .weights import load_weights
+
+__all__ = ["build_model", "has_distill_heads", "load_weights", "model_names", "param_count"]

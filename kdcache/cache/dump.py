@@ -1,0 +1,230 @@
+"""Stage 1: run a teacher once over a dataset and write its logits into a cache."""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import os
+import shutil
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from kdcache import __version__
+from kdcache.cache import finalize
+from kdcache.cache.format import (
+    FORMAT_NAME, FORMAT_VERSION, STATUS_PARTIAL, TAIL_DEFINITION, VIEW_FIELDS, Layout, default_chunk_rows,
+)
+from kdcache.cache.lock import WriteLock
+from kdcache.cache.store import (
+    Store, backend_for, check_compressor, create_zarr, default_compressor, open_store, staging_path,
+)
+from kdcache.cache.writer import ChunkWriter, Rows
+from kdcache.data.datasets import SourceDataset, fingerprint, open_dataset
+from kdcache.data.views import AugmentSpec, Preprocess, identity_views, render, sample_views
+from kdcache.device import autocast, pick_device
+from kdcache.errors import KDCacheError
+from kdcache.models import build_model, load_weights, param_count
+from kdcache.progress import progress
+
+
+@dataclass(frozen=True)
+class DumpConfig:
+    """Everything `kdcache dump` takes; the fields that shape the arrays must match on --resume."""
+
+    teacher: str
+    weights: str | None = None
+    dataset: str = "digits"
+    split: str = "train"
+    data_root: str | None = None
+    download: bool = False
+    out: str = "logits.zarr"
+    topk: int | None = None
+    dtype: str = "float16"
+    image_size: int | None = None
+    batch_size: int = 256
+    num_workers: int = 0
+    device: str = "auto"
+    chunk_rows: int | None = None
+    compressor: str | None = None
+    views: int = 1
+    augment: str = "none"
+    seed: int = 0
+    resume: bool = False
+    overwrite: bool = False
+    progress: bool = True
+    command: str = ""
+
+
+RESUME_KEYS = ("teacher", "weights_sha256", "dataset", "split", "fingerprint", "topk", "dtype", "image_size",
+               "batch_size", "chunk_rows", "views", "augment", "seed")
+
+
+def default_image_size(base_hw: int) -> int:
+    """Small datasets (≤ 32 px) run at 32 px; larger images at ImageNet's 224."""
+    return 32 if base_hw <= 32 else 224
+
+
+def _chunk_batches(layout: Layout, chunks: list[int], batch_size: int) -> list[list[int]]:
+    """Batches that never cross a chunk boundary, split the same way whatever chunks remain (resume)."""
+    out = []
+    for c in chunks:
+        sl = layout.chunk_slice(c)
+        out += [list(range(s, min(s + batch_size, sl.stop))) for s in range(sl.start, sl.stop, batch_size)]
+    return out
+
+
+def _prepare_target(cfg: DumpConfig, layout: Layout, attrs: dict, compressor: str) -> Store:
+    """Create, resume or refuse, by what is already at the output path. Never clobbers unasked."""
+    final, stage = cfg.out, staging_path(cfg.out)
+    if os.path.exists(final) and final != stage:  # a finished HDF5 file
+        if not cfg.overwrite:
+            raise KDCacheError(f"{final} already exists: pass --overwrite to replace it, or choose another --out")
+    if os.path.exists(stage):
+        try:
+            existing = open_store(stage, "r+")
+            old = existing.attrs
+        except KDCacheError:
+            old = {}
+        if old.get("format") != FORMAT_NAME:
+            raise KDCacheError(f"{stage} exists and is not a kdcache cache: refusing to touch it; choose another --out")
+        if cfg.resume and old.get("status") == STATUS_PARTIAL:
+            for key in RESUME_KEYS:
+                if old["dump"].get(key) != attrs["dump"].get(key):
+                    raise KDCacheError(
+                        f"cannot resume {stage}: it was dumped with {key}={old['dump'].get(key)!r}, this command has "
+                        f"{attrs['dump'].get(key)!r}; rerun the original command with --resume, or use --overwrite"
+                    )
+            return existing
+        if not cfg.overwrite:
+            what = "is a complete cache" if old.get("status") != STATUS_PARTIAL else "holds a partial dump"
+            hint = "--overwrite to replace it" if old.get("status") != STATUS_PARTIAL else \
+                "--resume to finish it (same command) or --overwrite to start over"
+            raise KDCacheError(f"{stage} already {what}: pass {hint}")
+        shutil.rmtree(stage)
+    if cfg.overwrite and os.path.isfile(final) and final != stage:
+        os.remove(final)
+    # HDF5 output is staged uncompressed and compressed once, when it is converted at the end.
+    return create_zarr(stage, layout, "none" if backend_for(cfg.out) == "hdf5" else compressor, attrs)
+
+
+def _build_attrs(cfg: DumpConfig, ds: SourceDataset, layout: Layout, teacher_id: dict, pre: Preprocess,
+                 aug: AugmentSpec, fp: str, compressor: str) -> dict:
+    labels = np.ascontiguousarray(ds.labels, dtype="<i8")
+    return {
+        "format": FORMAT_NAME, "version": FORMAT_VERSION, "status": STATUS_PARTIAL, **layout.to_attrs(),
+        "tail": TAIL_DEFINITION if layout.k else None,
+        "compressor": compressor,
+        "teacher": {"name": cfg.teacher, "weights": teacher_id, "params": teacher_id.get("params"),
+                    "preprocess": pre.to_json()},
+        "dataset": {"spec": ds.info.spec, "split": ds.info.split, "n": len(ds), "num_classes": ds.info.num_classes,
+                    "class_names": list(ds.info.class_names), "base_shape": list(ds.info.base_shape),
+                    "fingerprint": fp, "labels_sha256": hashlib.sha256(labels.tobytes()).hexdigest(),
+                    "labelled": int((ds.labels >= 0).sum())},
+        "views": {"fields": list(VIEW_FIELDS), "augment": str(aug), "augment_spec": aug.to_json(), "seed": cfg.seed},
+        "dump": {"teacher": cfg.teacher, "weights_sha256": teacher_id.get("sha256"), "dataset": ds.info.spec,
+                 "split": ds.info.split, "fingerprint": fp, "topk": cfg.topk, "dtype": cfg.dtype,
+                 "image_size": pre.image_size, "batch_size": cfg.batch_size, "chunk_rows": layout.chunk_rows,
+                 "views": cfg.views, "augment": str(aug), "seed": cfg.seed},
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "tool": f"kdcache {__version__}",
+        "command": cfg.command,
+    }
+
+
+def _load_teacher(cfg: DumpConfig, num_classes: int, image_size: int, device: torch.device) -> tuple[torch.nn.Module, dict]:
+    model = build_model(cfg.teacher, num_classes=num_classes, image_size=image_size)
+    weights = cfg.weights
+    if weights is None:
+        raise KDCacheError(
+            f"no --weights for teacher {cfg.teacher}: pass --weights PATH (a checkpoint, e.g. from kdtrain) "
+            "or --weights DEFAULT for torchvision's published weights"
+        )
+    ident = load_weights(model, weights, cfg.teacher)
+    model.eval().to(device)
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    return model, ident
+
+
+def _targets(logits: torch.Tensor, k: int | None, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Full logits, or top-k values/indices plus the log-sum-exp of what top-k dropped."""
+    if dtype == torch.float16:
+        logits = logits.clamp(-65504.0, 65504.0)
+    if k is None:
+        return {"values": logits.to(dtype)}
+    vals, idx = logits.topk(k, dim=-1, sorted=True)
+    tail = logits.scatter(-1, idx, float("-inf")).logsumexp(-1)
+    return {"values": vals.to(dtype), "indices": idx.to(torch.int32), "tail": tail.float()}
+
+
+def run_dump(cfg: DumpConfig) -> str:
+    """Dump (or resume) a cache as `cfg` says; returns the path of the finished cache."""
+    backend = backend_for(cfg.out)
+    compressor = cfg.compressor or default_compressor(backend)
+    check_compressor(backend, compressor)
+    if cfg.views < 1:
+        raise KDCacheError(f"--views must be at least 1, got {cfg.views}")
+    aug = AugmentSpec.parse(cfg.augment)
+    ds = open_dataset(cfg.dataset, cfg.split, cfg.data_root, cfg.download)
+    num_classes = ds.info.num_classes
+    pre = Preprocess(cfg.image_size or default_image_size(max(ds.info.base_shape[1:])))
+    layout = Layout(n=len(ds), n_views=cfg.views, num_classes=num_classes, k=cfg.topk, value_dtype=cfg.dtype,
+                    chunk_rows=cfg.chunk_rows or default_chunk_rows(cfg.topk or num_classes, cfg.views, cfg.dtype))
+    device = pick_device(cfg.device)
+    teacher, ident = _load_teacher(cfg, num_classes, pre.image_size, device)
+    fp = fingerprint(ds)
+    attrs = _build_attrs(cfg, ds, layout, ident, pre, aug, fp, compressor)
+    stage = staging_path(cfg.out)
+    with WriteLock(cfg.out):
+        store = _prepare_target(cfg, layout, attrs, compressor)
+        done = np.asarray(store["done"][...], dtype=bool)
+        todo = [c for c in range(layout.n_chunks) if not done[c]]
+        _run_chunks(cfg, teacher, ds, layout, store, todo, pre, aug, device)
+        finalize.finalize(store, cfg.out, compressor)
+    if stage != cfg.out:
+        shutil.rmtree(stage)
+    return cfg.out
+
+
+def _run_chunks(cfg: DumpConfig, teacher: torch.nn.Module, ds: SourceDataset, layout: Layout, store: Store,
+                todo: list[int], pre: Preprocess, aug: AugmentSpec, device: torch.device) -> None:
+    batches = _chunk_batches(layout, todo, cfg.batch_size)
+    loader = DataLoader(ds, batch_sampler=batches, num_workers=cfg.num_workers,
+                        pin_memory=device.type == "cuda", persistent_workers=False)
+    value_dtype = getattr(torch, cfg.dtype)
+    cuda = device.type == "cuda"
+    writer = ChunkWriter(store, layout)
+    rows_todo = sum(len(b) for b in batches)
+    try:
+        with progress(total=rows_todo, desc=f"dump {cfg.teacher}", unit="sample", enable=cfg.progress) as bar, \
+                torch.inference_mode():
+            for images, labels, idx in loader:
+                idx_np = idx.numpy()
+                views = sample_views(aug, idx_np, cfg.views, cfg.seed) if cfg.augment != "none" \
+                    else identity_views(len(idx_np), cfg.views)
+                x = images.to(device, non_blocking=True)
+                v_t = torch.from_numpy(views).to(device, non_blocking=True)
+                per_view = []
+                for v in range(cfg.views):
+                    xv = render(x, v_t[:, v], pre)
+                    if cuda:
+                        xv = xv.contiguous(memory_format=torch.channels_last)
+                    with autocast(device):
+                        per_view.append(teacher(xv).float())
+                out = _targets(torch.stack(per_view, 1), cfg.topk, value_dtype)
+                arrays: dict[str, object] = {k: v.to("cpu", non_blocking=cuda) for k, v in out.items()}
+                ready = None
+                if cuda:
+                    event = torch.cuda.Event()
+                    event.record()
+                    ready = event.synchronize
+                arrays["labels"] = labels.numpy().astype(np.int64)
+                arrays["views"] = views
+                writer.put(Rows(start=int(idx_np[0]), arrays=arrays, ready=ready))
+                bar.update(len(idx_np))
+    finally:
+        writer.close()
+

@@ -1,0 +1,137 @@
+"""Cache format v1: the one place in code that defines arrays, shapes, dtypes and attributes.
+
+docs/FORMAT.md documents the same layout for people; tests/test_conformance.py reads
+a cache with plain zarr/h5py to hold the two to each other.
+"""
+
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass
+
+import numpy as np
+
+from kdcache.errors import KDCacheError
+
+FORMAT_NAME = "kdcache"
+FORMAT_VERSION = "1.0"
+ATTR_KEY = "kdcache"
+VIEW_FIELDS = ("y0", "x0", "h", "w", "flip")
+STATUS_PARTIAL = "partial"
+STATUS_COMPLETE = "complete"
+TAIL_DEFINITION = "logsumexp of the teacher logits not in the top-k, at T=1"
+VALUE_DTYPES = ("float16", "float32")
+TARGET_CHUNK_BYTES = 1 << 20
+MIN_CHUNK_ROWS, MAX_CHUNK_ROWS = 256, 16384
+REQUIRED_ATTRS = (
+    "format", "version", "status", "kind", "k", "num_classes", "n", "n_views", "chunk_rows",
+    "value_dtype", "index_dtype", "teacher", "dataset", "views", "created", "tool", "command",
+)
+
+
+def index_dtype(num_classes: int) -> str:
+    """Smallest signed integer dtype that holds every class id."""
+    return "int16" if num_classes <= np.iinfo(np.int16).max else "int32"
+
+
+def default_chunk_rows(width: int, n_views: int, value_dtype: str) -> int:
+    """Rows per chunk so that one view's values chunk is about 1 MiB (power of two, clamped)."""
+    row_bytes = width * np.dtype(value_dtype).itemsize
+    rows = TARGET_CHUNK_BYTES // max(row_bytes, 1)
+    rows = 1 << int(np.floor(np.log2(max(rows, 1))))
+    return int(min(max(rows, MIN_CHUNK_ROWS), MAX_CHUNK_ROWS))
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Shapes of one cache: N samples × V views × (C classes or top-k)."""
+
+    n: int
+    n_views: int
+    num_classes: int
+    k: int | None
+    value_dtype: str
+    chunk_rows: int
+
+    def __post_init__(self) -> None:
+        if self.value_dtype not in VALUE_DTYPES:
+            raise KDCacheError(f"unsupported dtype {self.value_dtype!r}: use one of {', '.join(VALUE_DTYPES)}")
+        if self.k is not None and not 0 < self.k < self.num_classes:
+            raise KDCacheError(
+                f"--topk {self.k} must be between 1 and {self.num_classes - 1} for {self.num_classes} classes; "
+                "omit --topk to store full logits"
+            )
+        if self.n < 1 or self.n_views < 1 or self.chunk_rows < 1:
+            raise KDCacheError(f"empty cache layout (n={self.n}, views={self.n_views}, chunk rows={self.chunk_rows})")
+
+    @property
+    def kind(self) -> str:
+        return "full" if self.k is None else "topk"
+
+    @property
+    def width(self) -> int:
+        return self.num_classes if self.k is None else self.k
+
+    @property
+    def index_dtype(self) -> str:
+        return index_dtype(self.num_classes)
+
+    @property
+    def n_chunks(self) -> int:
+        return -(-self.n // self.chunk_rows)
+
+    def chunk_slice(self, c: int) -> slice:
+        return slice(c * self.chunk_rows, min((c + 1) * self.chunk_rows, self.n))
+
+    def arrays(self) -> dict[str, tuple[tuple[int, ...], str, tuple[int, ...]]]:
+        """name -> (shape, dtype, chunk shape); chunked along samples, one view per chunk."""
+        n, v, r, w = self.n, self.n_views, self.chunk_rows, self.width
+        out = {
+            "values": ((n, v, w), self.value_dtype, (r, 1, w)),
+            "labels": ((n,), "int64", (r,)),
+            "views": ((n, v, len(VIEW_FIELDS)), "float32", (r, 1, len(VIEW_FIELDS))),
+            "done": ((self.n_chunks,), "uint8", (1,)),
+            "checksum": ((self.n_chunks, v), "uint32", (1, v)),
+        }
+        if self.k is not None:
+            out["indices"] = ((n, v, w), self.index_dtype, (r, 1, w))
+            out["tail"] = ((n, v), "float32", (r, 1))
+        return out
+
+    def to_attrs(self) -> dict:
+        return {
+            "kind": self.kind, "k": self.k, "num_classes": self.num_classes, "n": self.n,
+            "n_views": self.n_views, "chunk_rows": self.chunk_rows,
+            "value_dtype": self.value_dtype, "index_dtype": self.index_dtype,
+        }
+
+    @classmethod
+    def from_attrs(cls, a: dict) -> "Layout":
+        return cls(n=int(a["n"]), n_views=int(a["n_views"]), num_classes=int(a["num_classes"]),
+                   k=None if a["k"] is None else int(a["k"]), value_dtype=a["value_dtype"],
+                   chunk_rows=int(a["chunk_rows"]))
+
+
+CHECKSUM_ORDER = ("values", "indices", "tail", "views")
+
+
+def view_checksum(rows: dict[str, np.ndarray]) -> int:
+    """CRC-32 of one chunk of one view: the C-order little-endian bytes of values, indices, tail, views."""
+    crc = 0
+    for name in CHECKSUM_ORDER:
+        if name in rows:
+            a = np.ascontiguousarray(rows[name])
+            crc = zlib.crc32(a.astype(a.dtype.newbyteorder("<"), copy=False).tobytes(), crc)
+    return crc
+
+
+def check_version(attrs: dict, where: str) -> None:
+    """Refuse what is not a kdcache cache or a major version newer than this reader."""
+    if attrs.get("format") != FORMAT_NAME:
+        raise KDCacheError(f"{where} is not a kdcache cache (no '{ATTR_KEY}' attributes with format 'kdcache')")
+    major = str(attrs.get("version", "0")).split(".")[0]
+    if not major.isdigit() or int(major) > int(FORMAT_VERSION.split(".")[0]):
+        raise KDCacheError(
+            f"{where} has format version {attrs.get('version')}, newer than this kdcache reads "
+            f"({FORMAT_VERSION}); upgrade kdcache"
+        )

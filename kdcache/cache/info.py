@@ -1,0 +1,110 @@
+"""`kdcache info`: what a cache holds, in numbers a person can check."""
+
+from __future__ import annotations
+
+import os
+
+from kdcache.cache.reader import Cache
+
+NEAR_ONE_HOT_TOP1 = 0.99
+
+
+def bytes_on_disk(path: str) -> int | None:
+    """Total size of a local cache file or directory (None for remote URLs)."""
+    if "://" in path:
+        return None
+    if os.path.isfile(path):
+        return os.path.getsize(path)
+    return sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(path) for f in files)
+
+
+def summary(cache: Cache) -> dict:
+    """The attributes plus derived figures: sizes, bytes per sample, teacher quality, warnings."""
+    a = cache.attrs
+    size = bytes_on_disk(cache.path)
+    stats = a.get("stats", {})
+    done = cache.done_map()
+    warnings = []
+    top1 = stats.get("teacher_top1")
+    if a["dataset"]["split"] == "train" and top1 is not None and top1 >= NEAR_ONE_HOT_TOP1:
+        warnings.append(
+            f"the teacher scores {100 * top1:.1f}% top-1 on this split: it probably trained on it, so its logits are "
+            "nearly one-hot and carry little dark knowledge; prefer a held-out transfer set or augmented views"
+        )
+    if a["status"] != "complete":
+        warnings.append(f"partial cache: {int(done.sum())} of {len(done)} chunks written; finish it with --resume")
+    return {
+        "path": cache.path, "format": f"{a['format']} {a['version']}", "status": a["status"],
+        "n": cache.n, "num_classes": cache.num_classes, "kind": cache.kind, "k": cache.k, "n_views": cache.n_views,
+        "value_dtype": a["value_dtype"], "compressor": a.get("compressor"), "chunk_rows": a["chunk_rows"],
+        "bytes_on_disk": size, "bytes_per_sample": None if size is None else size / cache.n,
+        "decoded_bytes": cache.decoded_bytes(),
+        "teacher": a["teacher"]["name"], "teacher_weights": a["teacher"]["weights"],
+        "teacher_params": a["teacher"].get("params"), "teacher_top1": top1,
+        "mean_entropy": stats.get("mean_entropy"), "topk_mass": stats.get("topk_mass"),
+        "image_size": a["teacher"]["preprocess"]["image_size"],
+        "dataset": a["dataset"]["spec"], "split": a["dataset"]["split"], "fingerprint": a["dataset"]["fingerprint"],
+        "labelled": a["dataset"].get("labelled"), "class_names": a["dataset"]["class_names"],
+        "augment": a["views"]["augment"], "seed": a["views"]["seed"],
+        "created": a["created"], "tool": a["tool"], "command": a["command"], "warnings": warnings,
+    }
+
+
+def _fmt_bytes(n: float | None) -> str:
+    if n is None:
+        return "n/a"
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{n:.0f} B"
+        n /= 1024
+    return ""
+
+
+def _pct(x: float | None) -> str:
+    return "n/a" if x is None else f"{100 * x:.2f}%"
+
+
+def as_text(s: dict) -> str:
+    """Aligned `key: value` lines for the terminal."""
+    kind = "full logits" if s["kind"] == "full" else f"top-{s['k']} logits + tail"
+    names = s["class_names"]
+    lines = [
+        ("cache", f"{s['path']} ({s['format']}, {s['status']})"),
+        ("samples", f"{s['n']} × {s['n_views']} view(s), {s['num_classes']} classes, {kind}, {s['value_dtype']}"),
+        ("on disk", f"{_fmt_bytes(s['bytes_on_disk'])} ({_fmt_bytes(s['bytes_per_sample'])}/sample, "
+                    f"{s['compressor']}; {_fmt_bytes(s['decoded_bytes'])} decoded)"),
+        ("teacher", f"{s['teacher']} ({s['teacher_params'] or '?'} params, {s['image_size']} px), "
+                    f"weights sha256 {str(s['teacher_weights'].get('sha256'))[:16]}…"),
+        ("teacher top-1", _pct(s["teacher_top1"]) + f" on {s['labelled']} labelled samples"),
+        ("mean entropy", "n/a" if s["mean_entropy"] is None else f"{s['mean_entropy']:.4f} nats"),
+        ("top-k mass", _pct(s["topk_mass"]) if s["kind"] == "topk" else "1 (full logits)"),
+        ("dataset", f"{s['dataset']} [{s['split']}], {s['fingerprint'][:23]}…"),
+        ("classes", ", ".join(names[:10]) + (f", … ({len(names)} in all)" if len(names) > 10 else "")),
+        ("views", f"augment {s['augment']}, seed {s['seed']}"),
+        ("created", f"{s['created']} by {s['tool']}"),
+        ("command", s["command"] or "n/a"),
+    ]
+    width = max(len(k) for k, _ in lines)
+    out = [f"{k:>{width}}: {v}" for k, v in lines]
+    out += [f"{'warning':>{width}}: {w}" for w in s["warnings"]]
+    return "\n".join(out)
+
+
+def as_markdown(s: dict) -> str:
+    """A cache card to publish beside a shared cache."""
+    rows = [
+        ("Teacher", f"`{s['teacher']}` ({s['teacher_params'] or '?'} parameters, input {s['image_size']} px)"),
+        ("Weights", f"{s['teacher_weights'].get('source', '?')}, sha256 `{s['teacher_weights'].get('sha256')}`"),
+        ("Dataset", f"`{s['dataset']}` split `{s['split']}`, {s['n']} samples, {s['num_classes']} classes"),
+        ("Fingerprint", f"`{s['fingerprint']}`"),
+        ("Teacher top-1 on this split", _pct(s["teacher_top1"])),
+        ("Contents", f"{s['kind']}" + (f" (k={s['k']}, mean mass kept {_pct(s['topk_mass'])})" if s['k'] else "")
+         + f", {s['n_views']} view(s), {s['value_dtype']}"),
+        ("Size", f"{_fmt_bytes(s['bytes_on_disk'])} ({_fmt_bytes(s['bytes_per_sample'])} per sample)"),
+        ("Format", f"{s['format']}, status {s['status']}"),
+        ("Made by", f"{s['tool']}, {s['created']}"),
+        ("Command", f"`{s['command']}`"),
+    ]
+    body = "\n".join(f"| {k} | {v} |" for k, v in rows)
+    notes = "".join(f"\n> **Note:** {w}\n" for w in s["warnings"])
+    return f"# Cache card: {os.path.basename(s['path'].rstrip('/'))}\n\n| | |\n|---|---|\n{body}\n{notes}"

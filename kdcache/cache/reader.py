@@ -1,0 +1,202 @@
+"""Read a cache: whole chunks decoded once, checksummed, kept in a small LRU and prefetched ahead."""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections import OrderedDict
+from collections.abc import Iterable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from kdcache.cache.format import STATUS_COMPLETE, Layout, check_version, view_checksum
+from kdcache.cache.store import Store, open_store, staging_path
+from kdcache.errors import KDCacheError
+
+PER_VIEW = ("values", "indices", "tail", "views")
+DEFAULT_LRU_BYTES = 64 << 20
+
+
+@dataclass(frozen=True)
+class CacheBatch:
+    """Soft targets of a batch of samples for one view (torch tensors on CPU)."""
+
+    values: torch.Tensor            # (B, C) full logits or (B, k) top-k logits
+    indices: torch.Tensor | None    # (B, k) int64 class ids (top-k only)
+    tail: torch.Tensor | None       # (B,) log-sum-exp of the logits not in the top-k (top-k only)
+    labels: torch.Tensor            # (B,) int64, -1 = unlabelled
+    views: torch.Tensor             # (B, 5) the view's crop/flip parameters
+
+
+class Cache:
+    """An opened cache. `read(indices, view)` returns a CacheBatch; memory is bounded by the LRU."""
+
+    def __init__(self, store: Store, lru_bytes: int = DEFAULT_LRU_BYTES, prefetch_workers: int = 2) -> None:
+        self.store, self.path = store, store.path
+        self.attrs = store.attrs
+        check_version(self.attrs, self.path)
+        self.layout = Layout.from_attrs(self.attrs)
+        self.labels = np.asarray(store["labels"][...], dtype=np.int64)
+        self._checksums = np.asarray(store["checksum"][...], dtype=np.uint32)
+        self._lru: OrderedDict[tuple[int, int], dict[str, np.ndarray]] = OrderedDict()
+        self._lru_bytes, self._lru_used = lru_bytes, 0
+        self._inflight: dict[tuple[int, int], Future] = {}
+        self._lock = threading.Lock()
+        self._pool = ThreadPoolExecutor(prefetch_workers, thread_name_prefix="kdcache-read")
+        self._memory: dict[str, np.ndarray] | None = None
+        self.chunks_decoded = 0
+
+    # --- metadata -------------------------------------------------------------------------------
+    @property
+    def n(self) -> int:
+        return self.layout.n
+
+    def __len__(self) -> int:
+        return self.layout.n
+
+    @property
+    def num_classes(self) -> int:
+        return self.layout.num_classes
+
+    @property
+    def kind(self) -> str:
+        return self.layout.kind
+
+    @property
+    def k(self) -> int | None:
+        return self.layout.k
+
+    @property
+    def n_views(self) -> int:
+        return self.layout.n_views
+
+    @property
+    def complete(self) -> bool:
+        return self.attrs.get("status") == STATUS_COMPLETE
+
+    def done_map(self) -> np.ndarray:
+        return np.asarray(self.store["done"][...], dtype=bool)
+
+    def decoded_bytes(self) -> int:
+        """Bytes the cache takes once decoded into memory (all views)."""
+        shapes = self.layout.arrays()
+        return sum(int(np.prod(shapes[n][0])) * np.dtype(shapes[n][1]).itemsize for n in PER_VIEW if n in shapes)
+
+    # --- reading --------------------------------------------------------------------------------
+    def read_chunk(self, c: int, view: int = 0) -> dict[str, np.ndarray]:
+        """Decode one chunk of one view from the store and check it against its stored CRC-32."""
+        sl = self.layout.chunk_slice(c)
+        rows = {n: np.asarray(self.store[n][sl, view]) for n in PER_VIEW if n in self.store}
+        if view_checksum(rows) != int(self._checksums[c, view]):
+            raise KDCacheError(
+                f"chunk {c} (rows {sl.start}-{sl.stop - 1}, view {view}) of {self.path} fails its checksum: "
+                f"the cache is corrupt; run 'kdcache verify {self.path}' and dump or fetch it again"
+            )
+        with self._lock:
+            self.chunks_decoded += 1
+        return rows
+
+    def load(self) -> None:
+        """Decode the whole cache into memory (every chunk verified): the fastest reader when it fits."""
+        lay = self.layout
+        out = {n: np.empty(s, dtype=d) for n, (s, d, _) in lay.arrays().items() if n in PER_VIEW}
+        for c in range(lay.n_chunks):
+            for v in range(lay.n_views):
+                for n, a in self.read_chunk(c, v).items():
+                    out[n][lay.chunk_slice(c), v] = a
+        self._memory = out
+
+    @property
+    def in_memory(self) -> bool:
+        return self._memory is not None
+
+    def prefetch(self, chunks: Iterable[int], view: int = 0) -> None:
+        """Start decoding these chunks in the background (no-op for chunks held or in flight)."""
+        if self._memory is not None:
+            return
+        with self._lock:
+            for c in chunks:
+                key = (int(c), view)
+                if key not in self._lru and key not in self._inflight:
+                    self._inflight[key] = self._pool.submit(self.read_chunk, key[0], view)
+
+    def _chunk(self, c: int, view: int) -> dict[str, np.ndarray]:
+        key = (c, view)
+        with self._lock:
+            hit = self._lru.get(key)
+            if hit is not None:
+                self._lru.move_to_end(key)
+                return hit
+            fut = self._inflight.pop(key, None)
+        rows = fut.result() if fut is not None else self.read_chunk(c, view)
+        size = sum(a.nbytes for a in rows.values())
+        with self._lock:
+            self._lru[key] = rows
+            self._lru_used += size
+            while self._lru_used > self._lru_bytes and len(self._lru) > 1:
+                _, old = self._lru.popitem(last=False)
+                self._lru_used -= sum(a.nbytes for a in old.values())
+        return rows
+
+    def read(self, indices: np.ndarray | torch.Tensor | list[int], view: int = 0) -> CacheBatch:
+        """Soft targets for these sample indices (any order, repeats allowed) and one view."""
+        idx = np.asarray(indices, dtype=np.int64).reshape(-1)
+        if idx.size and (idx.min() < 0 or idx.max() >= self.n):
+            raise IndexError(f"sample index out of range for a cache of {self.n} samples")
+        if not 0 <= view < self.n_views:
+            raise IndexError(f"view {view} out of range for a cache of {self.n_views} views")
+        if self._memory is not None:
+            picked = {n: a[idx, view] for n, a in self._memory.items()}
+        else:
+            picked = self._gather(idx, view)
+        t = {n: torch.from_numpy(np.ascontiguousarray(a)) for n, a in picked.items()}
+        return CacheBatch(
+            values=t["values"],
+            indices=t["indices"].long() if "indices" in t else None,
+            tail=t.get("tail"),
+            labels=torch.from_numpy(self.labels[idx]),
+            views=t["views"],
+        )
+
+    def _gather(self, idx: np.ndarray, view: int) -> dict[str, np.ndarray]:
+        rows = self.layout.chunk_rows
+        chunk_ids = idx // rows
+        out: dict[str, np.ndarray] = {}
+        for c in np.unique(chunk_ids):
+            sel = np.nonzero(chunk_ids == c)[0]
+            arrays = self._chunk(int(c), view)
+            for n, a in arrays.items():
+                if n not in out:
+                    out[n] = np.empty((len(idx), *a.shape[1:]), dtype=a.dtype)
+                out[n][sel] = a[idx[sel] - c * rows]
+        return out
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
+        self.store.close()
+
+    def __enter__(self) -> "Cache":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def open_cache(path: str, require_complete: bool = True, lru_bytes: int = DEFAULT_LRU_BYTES) -> Cache:
+    """Open a cache for reading; by default refuse one that is not `complete`."""
+    stage = staging_path(path)
+    if stage != path and not os.path.exists(path) and os.path.exists(stage):
+        raise KDCacheError(f"{path} is not written yet: a partial dump is at {stage}; finish it with "
+                           "'kdcache dump ... --resume' (same command)")
+    cache = Cache(open_store(path, "r"), lru_bytes=lru_bytes)
+    if require_complete and not cache.complete:
+        done = int(cache.done_map().sum())
+        cache.close()
+        raise KDCacheError(
+            f"{path} is a partial cache ({done} of {cache.layout.n_chunks} chunks written): finish it with "
+            "'kdcache dump ... --resume' (same command) before training from it"
+        )
+    return cache

@@ -1,0 +1,162 @@
+"""Backends: open and create the same logical layout as a Zarr v3 group or an HDF5 file."""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import numpy as np
+
+from kdcache.cache.format import ATTR_KEY, Layout
+from kdcache.errors import KDCacheError
+
+ZARR_SUFFIXES = (".zarr",)
+HDF5_SUFFIXES = (".h5", ".hdf5")
+ZARR_COMPRESSORS = ("blosc-zstd", "blosc-lz4", "zstd", "gzip", "none")
+HDF5_COMPRESSORS = ("gzip", "lzf", "none")
+H5_CHUNK_CACHE_BYTES = 64 << 20
+
+
+def backend_for(path: str) -> str:
+    """'zarr' or 'hdf5', chosen by the path's suffix."""
+    p = path.rstrip("/").lower()
+    if p.endswith(ZARR_SUFFIXES):
+        return "zarr"
+    if p.endswith(HDF5_SUFFIXES):
+        return "hdf5"
+    raise KDCacheError(
+        f"cannot tell the cache format of {path!r} from its suffix: end it in .zarr (Zarr directory) "
+        "or .h5/.hdf5 (HDF5 file)"
+    )
+
+
+def default_compressor(backend: str) -> str:
+    return "blosc-zstd" if backend == "zarr" else "gzip"
+
+
+def _zarr_codecs(name: str) -> Any:
+    import zarr.codecs as zc
+
+    match name:
+        case "blosc-zstd":
+            return zc.BloscCodec(cname="zstd", clevel=5, shuffle="shuffle")
+        case "blosc-lz4":
+            return zc.BloscCodec(cname="lz4", clevel=5, shuffle="shuffle")
+        case "zstd":
+            return zc.ZstdCodec(level=3)
+        case "gzip":
+            return zc.GzipCodec(level=5)
+        case "none":
+            return None
+    raise KDCacheError(f"unknown compressor {name!r} for Zarr: use one of {', '.join(ZARR_COMPRESSORS)}")
+
+
+def _h5_filter(name: str) -> dict:
+    match name:
+        case "gzip":
+            return {"compression": "gzip", "compression_opts": 4, "shuffle": True}
+        case "lzf":
+            return {"compression": "lzf", "shuffle": True}
+        case "none":
+            return {}
+    raise KDCacheError(f"unknown compressor {name!r} for HDF5: use one of {', '.join(HDF5_COMPRESSORS)}")
+
+
+def check_compressor(backend: str, name: str) -> None:
+    """Fail early (before any teacher runs) on a compressor the backend does not offer."""
+    _zarr_codecs(name) if backend == "zarr" else _h5_filter(name)
+
+
+class Store:
+    """A cache's arrays and its `kdcache` attribute dict, on either backend."""
+
+    def __init__(self, path: str, backend: str, handle: Any) -> None:
+        self.path, self.backend, self._h = path, backend, handle
+
+    @property
+    def attrs(self) -> dict:
+        raw = self._h.attrs.get(ATTR_KEY)
+        if raw is None:
+            return {}
+        return json.loads(raw) if isinstance(raw, (str, bytes)) else dict(raw)
+
+    def set_attrs(self, attrs: dict) -> None:
+        if self.backend == "zarr":
+            self._h.attrs[ATTR_KEY] = attrs
+        else:
+            self._h.attrs[ATTR_KEY] = json.dumps(attrs)
+
+    def __getitem__(self, name: str) -> Any:
+        return self._h[name]
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._h
+
+    def close(self) -> None:
+        if self.backend == "hdf5":
+            self._h.close()
+
+
+def open_store(path: str, mode: str = "r") -> Store:
+    """Open an existing cache store ('r' or 'r+'); a clear error when it is missing or unreadable."""
+    backend = backend_for(path)
+    if "://" not in path and not os.path.exists(path):
+        raise KDCacheError(f"no cache at {path}: check the path, or create one with 'kdcache dump --out {path}'")
+    try:
+        if backend == "zarr":
+            import zarr
+
+            return Store(path, backend, zarr.open_group(path, mode=mode))
+        import h5py
+
+        return Store(path, backend, h5py.File(path, mode, rdcc_nbytes=H5_CHUNK_CACHE_BYTES))
+    except KDCacheError:
+        raise
+    except Exception as e:  # the libraries raise many types for a damaged store
+        raise KDCacheError(f"cannot open {path} as a {backend} cache ({type(e).__name__}: {e}); "
+                           "run 'kdcache verify' on it or dump it again") from None
+
+
+def create_zarr(path: str, layout: Layout, compressor: str, attrs: dict) -> Store:
+    """Create an empty Zarr v3 cache group with every array of `layout` (done all zero)."""
+    import zarr
+
+    codec = _zarr_codecs(compressor)
+    g = zarr.open_group(path, mode="w")
+    for name, (shape, dtype, chunks) in layout.arrays().items():
+        small = name in ("done", "checksum")
+        g.create_array(name, shape=shape, dtype=dtype, chunks=chunks, fill_value=0,
+                       compressors=None if small else codec)
+    store = Store(path, "zarr", g)
+    store.set_attrs(attrs)
+    return store
+
+
+def write_hdf5(src: Store, dest: str, compressor: str, attrs: dict) -> None:
+    """Copy every array of `src` into a new HDF5 file at `dest`, chunk by chunk (no whole-array load)."""
+    import h5py
+
+    layout = Layout.from_attrs(attrs)
+    opts = _h5_filter(compressor)
+    with h5py.File(dest, "w") as f:
+        for name, (shape, dtype, chunks) in layout.arrays().items():
+            small = name in ("done", "checksum")
+            ds = f.create_dataset(name, shape=shape, dtype=dtype, chunks=chunks,
+                                  **({} if small else opts))
+            if small:
+                ds[...] = src[name][...]
+                continue
+            for c in range(layout.n_chunks):
+                sl = layout.chunk_slice(c)
+                ds[sl] = np.asarray(src[name][sl])
+        f.attrs[ATTR_KEY] = json.dumps(attrs)
+
+
+def staging_path(path: str) -> str:
+    """Where a dump builds its cache: the path itself for Zarr; a Zarr beside it for HDF5.
+
+    An HDF5 file cannot survive a kill mid-write, so HDF5 caches are built as Zarr and
+    converted only once complete: an HDF5 cache on disk is always a complete one.
+    """
+    return path if backend_for(path) == "zarr" else path.rstrip("/") + ".partial.zarr"

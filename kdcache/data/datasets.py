@@ -1,0 +1,644 @@
+"""Source datasets: deterministic, fixed-resolution base images plus labels.
+
+Every dataset here yields *base* images -- ``uint8`` tensors of shape
+``(C, H, W)`` with C in {1, 3} at one fixed native resolution -- together with
+the label and the sample index.  All resizing, cropping, flipping and
+normalisation happens later, batched, in :func:`kdcache.data.views.render`, so
+that a teacher (stage 1, dumping logits into the cache) and a student
+(stage 2, training from the cache) see exactly the same view of an image even
+at different input resolutions.
+
+The same ``(spec, split)`` always gives the same samples in the same order;
+:func:`fingerprint` turns that into a short hash that is stored with a cache
+and checked when the cache is reopened for training.
+
+Specs understood by :func:`open_dataset`:
+
+``digits``
+    The embedded default: scikit-learn's copy of the UCI handwritten digits
+    (1797 real 8x8 grey images, 10 classes; values 0..16 are mapped to uint8
+    with ``round(v * 255 / 16)``).  Needs no files and no network.  The split
+    is a deterministic stratified 80/20 split (see :func:`_digits_split`):
+    1437 train / 360 test images, each split in original sample order.
+``cifar10``, ``cifar100``, ``mnist``, ``fashionmnist``
+    torchvision's datasets, read from ``data_root`` (default: the
+    ``KDCACHE_DATA_ROOT`` environment variable, else ``~/.cache/kdcache/data``),
+    fetched there first when ``download=True``.  The in-memory ``.data`` arrays
+    are used directly (no PIL per item).  MNIST-style: 1x28x28; CIFAR: 3x32x32.
+``imagefolder:PATH``
+    A torchvision ``ImageFolder`` tree (one sub-folder per class).  The split
+    reads ``PATH/<split>/`` (for ``test``, ``PATH/val/`` is accepted too when
+    ``PATH/test/`` is absent).  If *neither* ``PATH/train`` nor
+    ``PATH/test``/``PATH/val`` exists, ``PATH`` itself is used for whichever
+    split is requested (so ``train`` and ``test`` are then the same images).
+    Images are decoded with PIL, converted to RGB, resized (shorter side to
+    ``base_size``, default 256, antialiased bilinear) and centre-cropped to
+    ``base_size x base_size``.  ``raw_bytes`` is the file's bytes, so the
+    fingerprint does not depend on ``base_size``.
+``package.module:factory``
+    ``factory(split=split, root=data_root)`` is imported and called.  It may
+    return a :class:`SourceDataset` (used as is) or any map-style torch
+    ``Dataset`` yielding ``(image, label, ...)``, which is wrapped: see
+    :class:`WrappedDataset`.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import importlib
+import inspect
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from kdcache.errors import KDCacheError
+
+__all__ = [
+    "DatasetInfo",
+    "SourceDataset",
+    "ArrayDataset",
+    "ImageFolderDataset",
+    "WrappedDataset",
+    "open_dataset",
+    "fingerprint",
+    "dataset_names",
+    "default_data_root",
+    "SPLITS",
+    "DEFAULT_IMAGEFOLDER_SIZE",
+]
+
+SPLITS = ("train", "test")
+DEFAULT_IMAGEFOLDER_SIZE = 256
+DIGITS_TEST_FRACTION = 0.2
+DIGITS_SPLIT_SEED = 0
+
+# spec name -> (torchvision class name, display name)
+_TORCHVISION = {
+    "cifar10": ("CIFAR10", "CIFAR10"),
+    "cifar100": ("CIFAR100", "CIFAR100"),
+    "mnist": ("MNIST", "MNIST"),
+    "fashionmnist": ("FashionMNIST", "FashionMNIST"),
+}
+_SPEC_FORMS = ("imagefolder:PATH", "package.module:factory")
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    """What a dataset is; stored with caches and checked when they are reopened."""
+
+    spec: str  # as the user gave it: "digits", "cifar10", "imagefolder:/p", "pkg.mod:fn"
+    split: str  # "train" | "test"
+    num_classes: int
+    class_names: tuple[str, ...]
+    base_shape: tuple[int, int, int]  # C, H, W of the base images
+
+
+class SourceDataset(torch.utils.data.Dataset):
+    """A map-style dataset of fixed-size base images.
+
+    ``ds[i]`` is ``(image, label, i)``: ``image`` a ``uint8`` ``(C, H, W)``
+    tensor with ``(C, H, W) == info.base_shape``, ``label`` an ``int``
+    (-1 = unlabelled) equal to ``labels[i]``.  Subclasses implement
+    ``_image(i)`` and ``raw_bytes(i)``; they must be picklable (DataLoader
+    workers) and deterministic.
+    """
+
+    info: DatasetInfo
+    labels: np.ndarray  # int64 (N,), -1 = unlabelled
+
+    def __len__(self) -> int:
+        return int(len(self.labels))
+
+    def _index(self, i: int) -> int:
+        n = len(self)
+        i = int(i)
+        if i < 0:
+            i += n
+        if not 0 <= i < n:
+            raise IndexError(f"index {i} out of range for a dataset of {n} samples")
+        return i
+
+    def __getitem__(self, i: int) -> tuple[Tensor, int, int]:
+        i = self._index(i)
+        return self._image(i), int(self.labels[i]), i
+
+    def _image(self, i: int) -> Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def raw_bytes(self, i: int) -> bytes:  # pragma: no cover - abstract
+        """The sample's raw input bytes (before any resizing), for fingerprinting."""
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        c, h, w = self.info.base_shape
+        return (
+            f"{type(self).__name__}({self.info.spec!r}, split={self.info.split!r}, "
+            f"n={len(self)}, classes={self.info.num_classes}, base={c}x{h}x{w})"
+        )
+
+
+class ArrayDataset(SourceDataset):
+    """Base images held in one in-memory uint8 array.
+
+    ``images`` is ``(N, H, W)``, ``(N, H, W, C)`` ("NHWC") or ``(N, C, H, W)``
+    ("NCHW") as given by ``layout``; a numpy array or a torch tensor.  Items
+    are converted to ``(C, H, W)`` on access; ``raw_bytes`` is the sample's
+    bytes in the stored layout.
+    """
+
+    def __init__(self, info: DatasetInfo, images: Any, labels: np.ndarray, layout: str):
+        if layout not in ("NHW", "NHWC", "NCHW"):
+            raise ValueError(f"unknown layout {layout!r}")
+        if isinstance(images, Tensor):
+            images = images.numpy()
+        images = np.asarray(images)
+        if images.dtype != np.uint8:
+            raise ValueError(f"base images must be uint8, got {images.dtype}")
+        if images.ndim != len(layout):
+            raise ValueError(f"images have shape {images.shape}, expected layout {layout}")
+        self.info = info
+        self.images = images
+        self.layout = layout
+        self.labels = np.ascontiguousarray(labels, dtype=np.int64)
+        if len(self.labels) != len(images):
+            raise ValueError(f"{len(images)} images but {len(self.labels)} labels")
+
+    def _image(self, i: int) -> Tensor:
+        a = self.images[i]
+        if self.layout == "NHW":
+            a = a[None]
+        elif self.layout == "NHWC":
+            a = a.transpose(2, 0, 1)
+        return torch.from_numpy(np.ascontiguousarray(a))
+
+    def raw_bytes(self, i: int) -> bytes:
+        return np.ascontiguousarray(self.images[self._index(i)]).tobytes()
+
+
+class ImageFolderDataset(SourceDataset):
+    """Image files decoded with PIL into ``3 x S x S`` uint8 base images.
+
+    Decoding: RGB; the shorter side is resized to ``S`` (antialiased bilinear;
+    large JPEGs are first DCT-downscaled with ``draft`` to no less than S),
+    then the centre ``S x S`` is cropped.  ``raw_bytes`` is the file's bytes.
+    """
+
+    def __init__(self, info: DatasetInfo, samples: list[tuple[str, int]], size: int):
+        self.info = info
+        self.paths = [p for p, _ in samples]
+        self.labels = np.asarray([y for _, y in samples], dtype=np.int64)
+        self.size = int(size)
+
+    def _image(self, i: int) -> Tensor:
+        from PIL import Image
+
+        s = self.size
+        try:
+            with Image.open(self.paths[i]) as img:
+                img.draft("RGB", (s, s))
+                img = img.convert("RGB")
+        except OSError as e:
+            raise KDCacheError(
+                f"cannot decode image {self.paths[i]} ({e}): remove or replace the file"
+            ) from None
+        w, h = img.size
+        if w <= h:
+            nw, nh = s, max(s, int(round(h * s / w)))
+        else:
+            nw, nh = max(s, int(round(w * s / h))), s
+        if (nw, nh) != (w, h):
+            img = img.resize((nw, nh), Image.BILINEAR)
+        left = int(round((nw - s) / 2.0))
+        top = int(round((nh - s) / 2.0))
+        img = img.crop((left, top, left + s, top + s))
+        a = np.asarray(img, dtype=np.uint8).transpose(2, 0, 1)
+        return torch.from_numpy(np.ascontiguousarray(a))
+
+    def raw_bytes(self, i: int) -> bytes:
+        with open(self.paths[self._index(i)], "rb") as f:
+            return f.read()
+
+
+def _to_chw_uint8(img: Any, where: str) -> tuple[Tensor, Any]:
+    """Convert a user image to a uint8 CHW tensor; also return its raw form.
+
+    torch tensors are taken as ``(C, H, W)`` (or ``(H, W)``); numpy arrays and
+    PIL images as ``(H, W, C)`` (or ``(H, W)``) -- except a 3-d numpy array
+    whose last dim is not 1 or 3 but whose first is, which is taken as CHW.
+    uint8 is used as is; floats must lie in [0, 1] and become ``round(x*255)``.
+    """
+    raw = img
+    if isinstance(img, Tensor):
+        a = img.detach().cpu().numpy()
+        chw = True
+    else:
+        if not isinstance(img, np.ndarray) and type(img).__module__.startswith("PIL."):
+            img = np.asarray(img)  # PIL image -> HWC / HW array
+            raw = img
+        a = np.asarray(img)
+        chw = a.ndim == 3 and a.shape[-1] not in (1, 3) and a.shape[0] in (1, 3)
+    if a.ndim == 2:
+        a = a[None]
+    elif a.ndim == 3:
+        if not chw:
+            a = a.transpose(2, 0, 1)
+    else:
+        raise KDCacheError(
+            f"{where}: image has shape {tuple(a.shape)}; make the dataset yield "
+            "CHW tensors or HWC numpy arrays"
+        )
+    if a.shape[0] not in (1, 3):
+        raise KDCacheError(
+            f"{where}: image has {a.shape[0]} channels (shape {tuple(a.shape)}); "
+            "make the dataset yield 1- or 3-channel images"
+        )
+    if a.dtype == np.uint8:
+        out = a
+    elif a.dtype == np.bool_ or np.issubdtype(a.dtype, np.floating):
+        a = a.astype(np.float64)
+        if a.size and (np.nanmin(a) < -1e-6 or np.nanmax(a) > 1 + 1e-6 or np.isnan(a).any()):
+            raise KDCacheError(
+                f"{where}: float image values span [{np.nanmin(a):.3g}, {np.nanmax(a):.3g}]; "
+                "make the dataset yield floats in [0, 1] or uint8 in [0, 255]"
+            )
+        out = np.clip(np.rint(a * 255.0), 0, 255).astype(np.uint8)
+    else:
+        raise KDCacheError(
+            f"{where}: image dtype {a.dtype} is not supported; "
+            "make the dataset yield uint8 or float images in [0, 1]"
+        )
+    return torch.from_numpy(np.ascontiguousarray(out)), raw
+
+
+def _raw_to_bytes(raw: Any) -> bytes:
+    if isinstance(raw, Tensor):
+        return raw.detach().cpu().contiguous().numpy().tobytes()
+    return np.ascontiguousarray(np.asarray(raw)).tobytes()
+
+
+def _label_of(y: Any, where: str) -> int:
+    if y is None:
+        return -1
+    if isinstance(y, Tensor):
+        if y.numel() != 1:
+            raise KDCacheError(f"{where}: label has shape {tuple(y.shape)}; yield one int per image")
+        y = y.item()
+    try:
+        v = int(y)
+    except (TypeError, ValueError):
+        raise KDCacheError(f"{where}: label {y!r} is not an int; yield int labels (-1 = none)") from None
+    if float(y) != v:
+        raise KDCacheError(f"{where}: label {y!r} is not an int; yield int labels (-1 = none)")
+    return v if v >= 0 else -1
+
+
+class WrappedDataset(SourceDataset):
+    """A user's map-style dataset yielding ``(image, label, ...)`` made a SourceDataset.
+
+    Images are converted on access with :func:`_to_chw_uint8` (uint8 kept;
+    float in [0, 1] -> ``round(x*255)``; tensors CHW, numpy/PIL HWC) and must
+    all share the first item's shape.  Labels are gathered once at wrap time:
+    from ``.targets`` (or ``.labels``) when the dataset has one of matching
+    length, else by iterating over every item.  Class names come from
+    ``.classes`` when present, else ``str(i)`` for ``i < max(label) + 1``.
+    ``raw_bytes`` is the bytes of the image exactly as the dataset yields it.
+    """
+
+    def __init__(self, spec: str, split: str, inner: Any):
+        self.inner = inner
+        self._where = f"dataset {spec!r}"
+        try:
+            n = len(inner)
+        except TypeError:
+            raise KDCacheError(
+                f"{self._where}: the factory returned {type(inner).__name__}, which has no len(); "
+                "return a map-style torch Dataset"
+            ) from None
+        if n == 0:
+            raise KDCacheError(f"{self._where} ({split}) is empty: make the factory return samples")
+        first, _ = _to_chw_uint8(self._item(0)[0], self._where)
+        self._shape = tuple(int(s) for s in first.shape)
+
+        labels = None
+        for attr in ("targets", "labels"):
+            t = getattr(inner, attr, None)
+            if t is not None:
+                try:
+                    arr = np.asarray(t.cpu() if isinstance(t, Tensor) else t)
+                except Exception:  # noqa: BLE001 - odd attribute: fall back to iterating
+                    continue
+                if arr.ndim == 1 and len(arr) == n and np.issubdtype(arr.dtype, np.integer):
+                    labels = np.where(arr < 0, -1, arr).astype(np.int64)
+                    break
+        if labels is None:
+            labels = np.asarray(
+                [_label_of(self._item(k)[1], self._where) for k in range(n)], dtype=np.int64
+            )
+        self.labels = labels
+
+        classes = getattr(inner, "classes", None)
+        if classes is not None and len(classes) > 0:
+            class_names = tuple(str(c) for c in classes)
+        else:
+            k = int(labels.max()) + 1 if len(labels) else 0
+            class_names = tuple(str(i) for i in range(max(k, 0)))
+        if len(labels) and labels.max() >= len(class_names):
+            raise KDCacheError(
+                f"{self._where}: label {int(labels.max())} but only {len(class_names)} classes; "
+                "fix the labels or the dataset's .classes"
+            )
+        self.info = DatasetInfo(
+            spec=spec,
+            split=split,
+            num_classes=len(class_names),
+            class_names=class_names,
+            base_shape=self._shape,  # type: ignore[arg-type]
+        )
+
+    def _item(self, i: int) -> Any:
+        item = self.inner[i]
+        if not isinstance(item, (tuple, list)) or len(item) < 2:
+            raise KDCacheError(
+                f"{self._where}: items must be (image, label) pairs, got {type(item).__name__}; "
+                "make __getitem__ return (image, label)"
+            )
+        return item
+
+    def _image(self, i: int) -> Tensor:
+        img, _ = _to_chw_uint8(self._item(i)[0], self._where)
+        if tuple(img.shape) != self._shape:
+            raise KDCacheError(
+                f"{self._where}: sample {i} has shape {tuple(img.shape)} but sample 0 has "
+                f"{self._shape}; make the dataset yield same-size images"
+            )
+        return img
+
+    def raw_bytes(self, i: int) -> bytes:
+        return _raw_to_bytes(self._item(self._index(i))[0])
+
+
+# --------------------------------------------------------------------------- openers
+
+
+def default_data_root() -> str:
+    """``$KDCACHE_DATA_ROOT`` if set, else ``~/.cache/kdcache/data``."""
+    env = os.environ.get("KDCACHE_DATA_ROOT")
+    return os.path.expanduser(env) if env else os.path.expanduser("~/.cache/kdcache/data")
+
+
+def dataset_names() -> list[str]:
+    """The built-in dataset names.
+
+    Besides these, ``open_dataset`` takes the forms ``imagefolder:PATH`` and
+    ``package.module:factory``.
+    """
+    return ["digits", *_TORCHVISION]
+
+
+def _valid_specs_text() -> str:
+    return ", ".join([*dataset_names(), *_SPEC_FORMS])
+
+
+def _check_fixed_size(spec: str, base_size: int | None, shape: tuple[int, int, int]) -> None:
+    if base_size is not None and int(base_size) != shape[1]:
+        raise KDCacheError(
+            f"{spec} has fixed {shape[1]}x{shape[2]} base images, cannot use base size {base_size}: "
+            "drop --base-size (the model input size is set by --image-size)"
+        )
+
+
+def _digits_split(y: np.ndarray, split: str) -> np.ndarray:
+    """Deterministic stratified split of the digits: sorted sample indices.
+
+    ``ceil(0.2 * N)`` test samples (360 of 1797) are shared out over the
+    classes in proportion to their sizes (floors first, then the leftover
+    one by one to the largest remainders, ties to the lower class).  Each
+    class's test samples are the first ones of a permutation of its indices
+    drawn, class by class in ascending order, from one
+    ``np.random.RandomState(0)`` -- a legacy generator whose stream numpy
+    keeps fixed across versions.  Both splits keep the original sample order.
+    """
+    classes, counts = np.unique(y, return_counts=True)
+    n_test = int(math.ceil(DIGITS_TEST_FRACTION * len(y)))
+    exact = counts * n_test / len(y)
+    take = np.floor(exact).astype(np.int64)
+    left = n_test - int(take.sum())
+    order = np.lexsort((np.arange(len(classes)), -(exact - take)))
+    take[order[:left]] += 1
+    rng = np.random.RandomState(DIGITS_SPLIT_SEED)
+    test = [rng.permutation(np.flatnonzero(y == c))[:k] for c, k in zip(classes, take)]
+    test_idx = np.sort(np.concatenate(test))
+    if split == "test":
+        return test_idx
+    mask = np.ones(len(y), dtype=bool)
+    mask[test_idx] = False
+    return np.flatnonzero(mask)
+
+
+@functools.lru_cache(maxsize=1)
+def _digits_arrays() -> tuple[np.ndarray, np.ndarray]:
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    images = np.rint(np.asarray(d.images, dtype=np.float64) * (255.0 / 16.0))
+    images = np.clip(images, 0, 255).astype(np.uint8)  # (1797, 8, 8)
+    images.setflags(write=False)
+    y = np.asarray(d.target, dtype=np.int64)
+    y.setflags(write=False)
+    return images, y
+
+
+def _open_digits(spec: str, split: str, base_size: int | None) -> ArrayDataset:
+    images, y = _digits_arrays()
+    idx = _digits_split(y, split)
+    shape = (1, 8, 8)
+    _check_fixed_size(spec, base_size, shape)
+    info = DatasetInfo(spec, split, 10, tuple(str(i) for i in range(10)), shape)
+    return ArrayDataset(info, np.ascontiguousarray(images[idx]), y[idx], "NHW")
+
+
+def _open_torchvision(
+    spec: str, name: str, split: str, data_root: str | None, download: bool, base_size: int | None
+) -> ArrayDataset:
+    import torchvision.datasets as tvd
+
+    cls_name, display = _TORCHVISION[name]
+    root = os.path.expanduser(data_root) if data_root else default_data_root()
+    try:
+        ds = getattr(tvd, cls_name)(root=root, train=(split == "train"), download=download)
+    except RuntimeError as e:
+        if download:
+            raise KDCacheError(
+                f"{display} could not be downloaded to {root} ({str(e).splitlines()[0] if str(e) else e}): "
+                "check the network, or pass --data-root DIR holding it"
+            ) from None
+        raise KDCacheError(
+            f"{display} not found under {root}: pass --data-root DIR holding it, or --download"
+        ) from None
+    except Exception as e:  # noqa: BLE001 - network errors etc. while downloading
+        if not download:
+            raise
+        raise KDCacheError(
+            f"{display} could not be downloaded to {root} ({type(e).__name__}: "
+            f"{str(e).splitlines()[0] if str(e) else ''}): check the network, "
+            "or pass --data-root DIR holding it"
+        ) from None
+    data = ds.data
+    if isinstance(data, Tensor):
+        data = data.numpy()
+    data = np.asarray(data, dtype=np.uint8)
+    labels = np.asarray(
+        ds.targets.numpy() if isinstance(ds.targets, Tensor) else ds.targets, dtype=np.int64
+    )
+    if data.ndim == 3:
+        layout, shape = "NHW", (1, data.shape[1], data.shape[2])
+    else:
+        layout, shape = "NHWC", (data.shape[3], data.shape[1], data.shape[2])
+    _check_fixed_size(spec, base_size, shape)
+    classes = tuple(str(c) for c in ds.classes)
+    info = DatasetInfo(spec, split, len(classes), classes, shape)  # type: ignore[arg-type]
+    return ArrayDataset(info, data, labels, layout)
+
+
+def _imagefolder_dir(spec: str, path: Path, split: str) -> Path:
+    names = ("test", "val") if split == "test" else ("train",)
+    for n in names:
+        if (path / n).is_dir():
+            return path / n
+    has_split_dirs = any((path / n).is_dir() for n in ("train", "test", "val"))
+    if has_split_dirs:
+        raise KDCacheError(
+            f"{spec}: no {path / split} folder for the {split} split: "
+            f"create it, or point imagefolder: at a folder of class folders"
+        )
+    return path
+
+
+def _open_imagefolder(spec: str, path_text: str, split: str, base_size: int | None) -> ImageFolderDataset:
+    if not path_text:
+        raise KDCacheError("imagefolder: needs a path: use imagefolder:/path/to/images")
+    path = Path(os.path.expanduser(path_text))
+    if not path.is_dir():
+        raise KDCacheError(f"{spec}: folder {path} does not exist: pass an existing folder of class folders")
+    root = _imagefolder_dir(spec, path, split)
+    size = DEFAULT_IMAGEFOLDER_SIZE if base_size is None else int(base_size)
+    if size < 1:
+        raise KDCacheError(f"base size must be a positive int, got {base_size}: pass e.g. --base-size 256")
+    from torchvision.datasets import ImageFolder
+
+    try:
+        tv = ImageFolder(str(root), loader=lambda p: p)  # only used to scan the tree
+    except (FileNotFoundError, RuntimeError) as e:
+        raise KDCacheError(
+            f"{spec}: no images found under {root} ({str(e).splitlines()[0]}): "
+            "it must hold one sub-folder of images per class"
+        ) from None
+    classes = tuple(tv.classes)
+    info = DatasetInfo(spec, split, len(classes), classes, (3, size, size))
+    return ImageFolderDataset(info, list(tv.samples), size)
+
+
+def _open_factory(spec: str, split: str, data_root: str | None, base_size: int | None) -> SourceDataset:
+    mod_name, _, fn_name = spec.partition(":")
+    try:
+        mod = importlib.import_module(mod_name)
+    except ImportError as e:
+        raise KDCacheError(
+            f"cannot import module {mod_name!r} for dataset {spec!r} ({e}): "
+            "make it importable (install it or add its folder to PYTHONPATH)"
+        ) from None
+    fn: Callable[..., Any] | None = getattr(mod, fn_name, None)
+    if fn is None or not callable(fn):
+        raise KDCacheError(
+            f"module {mod_name!r} has no callable {fn_name!r}: "
+            f"define {fn_name}(split, root) there or fix the spec"
+        )
+    try:
+        inspect.signature(fn).bind(split=split, root=data_root)
+    except TypeError:
+        raise KDCacheError(
+            f"{spec} must accept keyword arguments split= and root=: "
+            f"define it as {fn_name}(split, root=None)"
+        ) from None
+    except ValueError:  # no signature available (builtins): just try
+        pass
+    inner = fn(split=split, root=data_root)
+    if isinstance(inner, SourceDataset):
+        ds = inner
+    else:
+        ds = WrappedDataset(spec, split, inner)
+    if base_size is not None:
+        _check_fixed_size(spec, base_size, tuple(ds.info.base_shape))  # type: ignore[arg-type]
+    return ds
+
+
+def open_dataset(
+    spec: str,
+    split: str = "train",
+    data_root: str | None = None,
+    download: bool = False,
+    base_size: int | None = None,
+) -> SourceDataset:
+    """Open ``spec``'s ``split`` (see the module docstring for the specs).
+
+    ``data_root`` is where torchvision datasets live (default
+    :func:`default_data_root`) and what factories receive as ``root``;
+    ``download`` lets torchvision fetch missing files.  ``base_size`` is the
+    base resolution of ``imagefolder:`` images (default 256); the other
+    datasets have a fixed native size and reject any other ``base_size``.
+    """
+    if split not in SPLITS:
+        raise KDCacheError(f"unknown split {split!r}: use one of {', '.join(SPLITS)}")
+    if not isinstance(spec, str) or not spec.strip():
+        raise KDCacheError(f"empty dataset spec: use one of {_valid_specs_text()}")
+    text = spec.strip()
+    low = text.lower()
+    if low == "digits":
+        return _open_digits(spec, split, base_size)
+    if low in _TORCHVISION:
+        return _open_torchvision(spec, low, split, data_root, download, base_size)
+    if low.startswith("imagefolder:"):
+        return _open_imagefolder(spec, text[len("imagefolder:"):], split, base_size)
+    if ":" in text:
+        mod_name, _, fn_name = text.partition(":")
+        if all(p.isidentifier() for p in mod_name.split(".")) and fn_name.isidentifier():
+            return _open_factory(text, split, data_root, base_size)
+    raise KDCacheError(f"unknown dataset {spec!r}: use one of {_valid_specs_text()}")
+
+
+# --------------------------------------------------------------------------- fingerprint
+
+
+def _probe_indices(n: int, n_probe: int) -> np.ndarray:
+    if n == 0 or n_probe <= 0:
+        return np.zeros(0, dtype=np.int64)
+    return np.unique(np.linspace(0, n - 1, min(n_probe, n)).round().astype(np.int64))
+
+
+def fingerprint(ds: SourceDataset, n_probe: int = 64) -> str:
+    """``"sha256:<hex>"`` identifying a dataset's content and order.
+
+    Hashes, in order: a version tag, N (int64 LE), the labels (int64 LE), and
+    for each of ``min(n_probe, N)`` evenly spaced sample indices
+    (``np.linspace(0, N-1, k).round()``, unique) the index (int64 LE), the
+    length of ``raw_bytes(i)`` (int64 LE) and ``raw_bytes(i)`` itself.  It never
+    looks at rendered or resized images, so a teacher and a student using
+    the same dataset at different resolutions get the same fingerprint.
+    """
+    n = len(ds)
+    h = hashlib.sha256()
+    h.update(b"kdcache-dataset-v1\0")
+    h.update(np.int64(n).astype("<i8").tobytes())
+    h.update(np.ascontiguousarray(ds.labels, dtype="<i8").tobytes())
+    for i in _probe_indices(n, n_probe):
+        raw = ds.raw_bytes(int(i))
+        h.update(np.asarray([i, len(raw)], dtype="<i8").tobytes())
+        h.update(raw)
+    return "sha256:" + h.hexdigest()

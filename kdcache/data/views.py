@@ -1,0 +1,401 @@
+"""Views of base images: sampling crop/flip parameters and rendering them.
+
+A *view* is 5 float32 numbers ``[y0, x0, h, w, flip]`` relative to the base
+image: the box's top-left corner ``(y0, x0)`` and size ``(h, w)`` as fractions
+of the base image's H and W, and ``flip`` in {0, 1}, a horizontal flip applied
+after cropping.  The identity view is ``[0, 0, 1, 1, 0]``.  Boxes may reach
+outside ``[0, 1]`` (translation); pixels outside the base image are black (0)
+before normalisation.
+
+Because views are resolution-free, a multi-view cache stores them once and a
+teacher at 224 px and a student at 32 px can both replay them with
+:func:`render` and see the same part of each image.
+
+:func:`sample_views` is a pure function of ``(spec, seed, sample index, view
+index)``: it uses a counter-based hash (SplitMix64 over those integers), not a
+stateful generator, so chunked, resumed, reordered or sharded dumps draw
+exactly the same views.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from kdcache.errors import KDCacheError
+
+__all__ = [
+    "VIEW_FIELDS",
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "AugmentSpec",
+    "sample_views",
+    "identity_views",
+    "Preprocess",
+    "render",
+    "view_grid",
+]
+
+VIEW_FIELDS = ("y0", "x0", "h", "w", "flip")
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+_DEFAULT_RATIO = (3 / 4, 4 / 3)
+_RRC_ATTEMPTS = 10
+
+
+def _fmt(x: float) -> str:
+    """Shortest text that reads back as the same float ("1", "0.35", "1.3333333333333333")."""
+    s = repr(float(x))
+    return s[:-2] if s.endswith(".0") else s
+
+
+@dataclass(frozen=True)
+class AugmentSpec:
+    """Which random views to draw.
+
+    Text form (``parse`` / ``str``): ``none``, or ``+``-joined parts among
+    ``rrc(SMIN,SMAX)`` / ``rrc(SMIN,SMAX,RMIN,RMAX)`` (random resized crop:
+    area fraction in [SMIN, SMAX], aspect ratio w/h in [RMIN, RMAX], default
+    3/4..4/3), ``flip`` (horizontal, p = 0.5) and ``translate(T)`` (shift the
+    box by up to T of the side in y and x), e.g. ``rrc(0.35,1)+flip``.
+    """
+
+    rrc_scale: tuple[float, float] | None = None  # random-resized-crop area range; None = no RRC
+    rrc_ratio: tuple[float, float] = _DEFAULT_RATIO
+    flip: bool = False
+    translate: float = 0.0  # max |shift| as a fraction of the side
+
+    def __post_init__(self) -> None:
+        if self.rrc_scale is not None:
+            lo, hi = (float(v) for v in self.rrc_scale)
+            if not (0.0 < lo <= hi <= 1.0):
+                raise KDCacheError(
+                    f"bad rrc scale ({_fmt(lo)}, {_fmt(hi)}): need 0 < min <= max <= 1, e.g. rrc(0.35,1)"
+                )
+            object.__setattr__(self, "rrc_scale", (lo, hi))
+        r0, r1 = (float(v) for v in self.rrc_ratio)
+        if not (0.0 < r0 <= r1) or not math.isfinite(r1):
+            raise KDCacheError(
+                f"bad rrc aspect ratio ({_fmt(r0)}, {_fmt(r1)}): need 0 < min <= max, e.g. rrc(0.08,1,0.75,1.333)"
+            )
+        object.__setattr__(self, "rrc_ratio", (r0, r1))
+        t = float(self.translate)
+        if not (0.0 <= t < 1.0):
+            raise KDCacheError(f"bad translate({_fmt(t)}): need 0 <= T < 1, e.g. translate(0.1)")
+        object.__setattr__(self, "translate", t)
+        object.__setattr__(self, "flip", bool(self.flip))
+
+    @property
+    def is_identity(self) -> bool:
+        """True when every sampled view is the identity (spec ``none``)."""
+        return self.rrc_scale is None and not self.flip and self.translate == 0.0
+
+    @classmethod
+    def parse(cls, text: str) -> "AugmentSpec":
+        """Read the text form (see the class docstring); bad text -> KDCacheError."""
+        src = "" if text is None else str(text)
+        t = re.sub(r"\s+", "", src).lower()
+        hint = "use e.g. none, flip, rrc(0.35,1)+flip, translate(0.1) or rrc(0.08,1,0.75,1.333)+flip"
+        if t in ("", "none"):
+            return cls()
+        kw: dict = {}
+        num = r"([0-9]*\.?[0-9]+(?:e[-+]?[0-9]+)?)"
+        for part in t.split("+"):
+            if part == "flip":
+                key = "flip"
+                val: object = True
+            elif m := re.fullmatch(rf"rrc\({num},{num}(?:,{num},{num})?\)", part):
+                key = "rrc_scale"
+                val = (float(m[1]), float(m[2]))
+                if m[3] is not None:
+                    kw["rrc_ratio"] = (float(m[3]), float(m[4]))
+            elif m := re.fullmatch(rf"translate\({num}\)", part):
+                key, val = "translate", float(m[1])
+            else:
+                raise KDCacheError(f"bad augmentation {src!r} (part {part!r}): {hint}")
+            if key in kw:
+                raise KDCacheError(f"bad augmentation {src!r}: {part.split('(')[0]} given twice; {hint}")
+            kw[key] = val
+        return cls(**kw)
+
+    def __str__(self) -> str:
+        parts = []
+        if self.rrc_scale is not None:
+            args = [*self.rrc_scale]
+            if self.rrc_ratio != _DEFAULT_RATIO:
+                args += [*self.rrc_ratio]
+            parts.append("rrc(" + ",".join(_fmt(a) for a in args) + ")")
+        if self.flip:
+            parts.append("flip")
+        if self.translate:
+            parts.append(f"translate({_fmt(self.translate)})")
+        return "+".join(parts) if parts else "none"
+
+    def to_json(self) -> dict:
+        return {
+            "rrc_scale": None if self.rrc_scale is None else list(self.rrc_scale),
+            "rrc_ratio": list(self.rrc_ratio),
+            "flip": self.flip,
+            "translate": self.translate,
+        }
+
+    @classmethod
+    def from_json(cls, d: dict) -> "AugmentSpec":
+        try:
+            scale = d.get("rrc_scale")
+            return cls(
+                rrc_scale=None if scale is None else (float(scale[0]), float(scale[1])),
+                rrc_ratio=tuple(float(v) for v in d.get("rrc_ratio", _DEFAULT_RATIO)),  # type: ignore[arg-type]
+                flip=bool(d.get("flip", False)),
+                translate=float(d.get("translate", 0.0)),
+            )
+        except (AttributeError, TypeError, ValueError, IndexError) as e:
+            raise KDCacheError(f"bad stored augmentation {d!r} ({e}): the cache metadata is damaged") from None
+
+
+# --------------------------------------------------------------------------- sampling
+
+_M64 = np.uint64(0xFFFFFFFFFFFFFFFF)
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+_C1 = np.uint64(0xBF58476D1CE4E5B9)
+_C2 = np.uint64(0x94D049BB133111EB)
+
+# random-number slots per view (each a pure function of seed, index, view, slot)
+_SLOT_AREA = 0
+_SLOT_RATIO = _SLOT_AREA + _RRC_ATTEMPTS
+_SLOT_TOP = _SLOT_RATIO + _RRC_ATTEMPTS
+_SLOT_LEFT = _SLOT_TOP + _RRC_ATTEMPTS
+_SLOT_TY = _SLOT_LEFT + _RRC_ATTEMPTS
+_SLOT_TX = _SLOT_TY + 1
+_SLOT_FLIP = _SLOT_TX + 1
+_N_SLOTS = _SLOT_FLIP + 1
+
+
+def _mix(x: np.ndarray) -> np.ndarray:
+    """SplitMix64 finaliser on a uint64 array (wrapping arithmetic)."""
+    x = (x ^ (x >> np.uint64(30))) * _C1
+    x = (x ^ (x >> np.uint64(27))) * _C2
+    return x ^ (x >> np.uint64(31))
+
+
+def _uniforms(seed: int, indices: np.ndarray, n_views: int, slots: np.ndarray) -> np.ndarray:
+    """float64 uniforms in [0, 1), shape (len(indices), n_views, len(slots))."""
+    with np.errstate(over="ignore"):
+        s = np.array([int(seed) % (1 << 64)], dtype=np.uint64)
+        key = _mix(s ^ np.uint64(0x6B64636163686521))  # "kdcache!"
+        idx = indices.astype(np.int64).view(np.uint64)
+        k = _mix(key + idx * _GOLDEN)  # (N,)
+        v = np.arange(n_views, dtype=np.uint64)
+        k = _mix(k[:, None] ^ _mix((v + np.uint64(1)) * _GOLDEN)[None, :])  # (N, V)
+        st = (slots.astype(np.uint64) + np.uint64(1)) * _GOLDEN
+        bits = _mix(k[:, :, None] + st[None, None, :])  # (N, V, S)
+    return (bits >> np.uint64(11)).astype(np.float64) * (1.0 / (1 << 53))
+
+
+def _sample_chunk(spec: AugmentSpec, indices: np.ndarray, n_views: int, seed: int) -> np.ndarray:
+    n = len(indices)
+    out = np.zeros((n, n_views, 5), dtype=np.float64)
+    out[..., 2] = 1.0
+    out[..., 3] = 1.0
+    if spec.rrc_scale is not None:
+        a = _RRC_ATTEMPTS
+        u = _uniforms(seed, indices, n_views, np.arange(_SLOT_AREA, _SLOT_LEFT + a))
+        lo, hi = spec.rrc_scale
+        area = lo + (hi - lo) * u[..., _SLOT_AREA:_SLOT_AREA + a]
+        lr0, lr1 = math.log(spec.rrc_ratio[0]), math.log(spec.rrc_ratio[1])
+        ratio = np.exp(lr0 + (lr1 - lr0) * u[..., _SLOT_RATIO:_SLOT_RATIO + a])
+        w = np.sqrt(area * ratio)
+        h = np.sqrt(area / ratio)
+        ok = (w <= 1.0) & (h <= 1.0)
+        first = np.argmax(ok, axis=-1)[..., None]  # first accepted attempt
+        found = ok.any(axis=-1)
+        hs = np.take_along_axis(h, first, -1)[..., 0]
+        ws = np.take_along_axis(w, first, -1)[..., 0]
+        ut = np.take_along_axis(u[..., _SLOT_TOP:_SLOT_TOP + a], first, -1)[..., 0]
+        ul = np.take_along_axis(u[..., _SLOT_LEFT:_SLOT_LEFT + a], first, -1)[..., 0]
+        # torchvision's fallback: the central crop of the closest allowed aspect ratio
+        r0, r1 = spec.rrc_ratio
+        if 1.0 < r0:
+            fh, fw = 1.0 / r0, 1.0
+        elif 1.0 > r1:
+            fh, fw = 1.0, r1
+        else:
+            fh, fw = 1.0, 1.0
+        out[..., 2] = np.where(found, hs, fh)
+        out[..., 3] = np.where(found, ws, fw)
+        out[..., 0] = np.where(found, ut * (1.0 - hs), (1.0 - fh) / 2)
+        out[..., 1] = np.where(found, ul * (1.0 - ws), (1.0 - fw) / 2)
+    if spec.translate:
+        u = _uniforms(seed, indices, n_views, np.array([_SLOT_TY, _SLOT_TX]))
+        out[..., 0] += spec.translate * (2.0 * u[..., 0] - 1.0)
+        out[..., 1] += spec.translate * (2.0 * u[..., 1] - 1.0)
+    if spec.flip:
+        u = _uniforms(seed, indices, n_views, np.array([_SLOT_FLIP]))
+        out[..., 4] = (u[..., 0] < 0.5).astype(np.float64)
+    return out.astype(np.float32)
+
+
+def sample_views(spec: AugmentSpec, indices: np.ndarray, n_views: int, seed: int) -> np.ndarray:
+    """Draw ``n_views`` views per sample: float32 ``(len(indices), n_views, 5)``.
+
+    View ``v`` of sample ``i`` is a pure function of ``(spec, seed, i, v)``
+    (a SplitMix64 hash of those integers feeds fixed random-number slots), so
+    any batching, order, chunking or sharding of ``indices`` -- and any
+    ``n_views`` -- gives the same view for the same ``(i, v)``.  All views are
+    drawn alike (view 0 is not special).
+
+    Per view, in order:
+
+    * RRC (``spec.rrc_scale``): torchvision's RandomResizedCrop in continuous
+      normalised coordinates: up to 10 attempts of area ~ U(scale), log
+      aspect ~ U(log ratio), ``w = sqrt(area*ratio)``, ``h = sqrt(area/ratio)``;
+      the first with ``w, h <= 1`` is placed uniformly inside the image; if
+      none fits, the central crop of the nearest allowed aspect ratio.  The
+      aspect ratio is relative to the base image's sides, i.e. a true pixel
+      aspect ratio for square base images (all built-in datasets).
+    * translate: ``y0, x0 += U(-T, T)`` each.
+    * flip: Bernoulli(0.5).
+
+    With spec ``none`` every view is the identity.
+    """
+    indices = np.asarray(indices).reshape(-1)
+    if indices.size and not np.issubdtype(indices.dtype, np.integer):
+        raise ValueError(f"indices must be integers, got {indices.dtype}")
+    n_views = int(n_views)
+    if n_views < 1:
+        raise ValueError(f"n_views must be >= 1, got {n_views}")
+    if spec.is_identity or len(indices) == 0:
+        return identity_views(len(indices), n_views)
+    chunk = max(1, 32768 // n_views)
+    parts = [
+        _sample_chunk(spec, indices[s:s + chunk], n_views, seed) for s in range(0, len(indices), chunk)
+    ]
+    return np.concatenate(parts, axis=0)
+
+
+def identity_views(n: int, n_views: int = 1) -> np.ndarray:
+    """float32 ``(n, n_views, 5)`` of identity views ``[0, 0, 1, 1, 0]``."""
+    out = np.zeros((int(n), int(n_views), 5), dtype=np.float32)
+    out[..., 2] = 1.0
+    out[..., 3] = 1.0
+    return out
+
+
+# --------------------------------------------------------------------------- rendering
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """How a model sees a view: ``image_size`` square pixels, then (x - mean) / std."""
+
+    image_size: int
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+
+    def __post_init__(self) -> None:
+        s = int(self.image_size)
+        if s < 1 or s != self.image_size:
+            raise KDCacheError(f"bad image size {self.image_size!r}: pass a positive int, e.g. --image-size 32")
+        mean = tuple(float(m) for m in self.mean)
+        std = tuple(float(v) for v in self.std)
+        if len(mean) != 3 or len(std) != 3:
+            raise KDCacheError(f"mean and std need 3 values each, got {mean} and {std}: give one per RGB channel")
+        if min(std) <= 0:
+            raise KDCacheError(f"std values must be > 0, got {std}: fix the normalisation std")
+        object.__setattr__(self, "image_size", s)
+        object.__setattr__(self, "mean", mean)
+        object.__setattr__(self, "std", std)
+
+    def to_json(self) -> dict:
+        return {"image_size": self.image_size, "mean": list(self.mean), "std": list(self.std)}
+
+    @classmethod
+    def from_json(cls, d) -> "Preprocess":
+        try:
+            return cls(
+                image_size=int(d["image_size"]),
+                mean=tuple(float(v) for v in d.get("mean", IMAGENET_MEAN)),  # type: ignore[arg-type]
+                std=tuple(float(v) for v in d.get("std", IMAGENET_STD)),  # type: ignore[arg-type]
+            )
+        except (KeyError, AttributeError, TypeError, ValueError) as e:
+            raise KDCacheError(f"bad stored preprocessing {d!r} ({e}): the cache metadata is damaged") from None
+
+
+def view_grid(views: Tensor, size: int) -> Tensor:
+    """The ``grid_sample`` grid ``(B, S, S, 2)`` of views ``(B, 5)`` at ``S x S``.
+
+    Equal to ``F.affine_grid(theta, (B, C, S, S), align_corners=False)`` with
+    ``theta = [[sx, 0, tx], [0, sy, ty]]``, ``sx = ±w`` (negative = flip),
+    ``sy = h``, ``tx = 2*x0 + w - 1``, ``ty = 2*y0 + h - 1``, but computed
+    with elementwise ops instead of a matmul: bitwise independent of the
+    batch composition and unaffected by TF32 matmul settings on GPUs.
+    """
+    v = views.to(torch.float32)
+    y0, x0, h, w, flip = v.unbind(-1)
+    sx = torch.where(flip > 0.5, -w, w)
+    tx = 2.0 * x0 + w - 1.0
+    ty = 2.0 * y0 + h - 1.0
+    # pixel centres of the output in [-1, 1] (align_corners=False)
+    base = (torch.arange(size, device=v.device, dtype=torch.float64) * 2 + 1) / size - 1
+    base = base.to(torch.float32)
+    gx = sx[:, None, None] * base[None, None, :] + tx[:, None, None]  # (B, 1, S)
+    gy = h[:, None, None] * base[None, :, None] + ty[:, None, None]  # (B, S, 1)
+    b = v.shape[0]
+    return torch.stack((gx.expand(b, size, size), gy.expand(b, size, size)), dim=-1)
+
+
+def render(images: Tensor, views: Tensor, pre: Preprocess) -> Tensor:
+    """Render views of base images: float32 ``(B, 3, S, S)``, normalised.
+
+    ``images``: ``(B, C, H, W)`` uint8 (0..255) or float (0..1), C in {1, 3},
+    on any device; ``views``: ``(B, 5)`` (or one ``(5,)`` view for all),
+    moved to the images' device.  Steps: to float in [0, 1]; crop + resize +
+    flip in one bilinear ``F.grid_sample`` (``padding_mode="zeros"``,
+    ``align_corners=False``, grid from :func:`view_grid`); 1 channel repeated
+    to 3; ``(x - mean) / std``.  Runs under ``torch.no_grad`` semantics (no
+    autograd use intended).
+
+    Exactness: each output row depends only on its own image and view, so on
+    a given device the result is the same whatever else is in the batch.
+    With the identity view and ``S == H == W`` it returns the normalised
+    image itself (up to float rounding).
+
+    Aliasing: bilinear sampling reads only the 4 nearest base pixels, so
+    downscaling by a large factor (e.g. a 256 px base to 32 px) aliases.
+    That is accepted: teacher and student still see the same pixels.  An
+    antialiased path would prefilter (e.g. ``F.interpolate(...,
+    antialias=True)`` of each box, or an area/box blur of the base image by the
+    scale factor before sampling) -- not implemented, since it is not
+    expressible as one batched grid sample with per-row boxes.
+    """
+    if images.ndim != 4:
+        raise ValueError(f"images must be (B, C, H, W), got shape {tuple(images.shape)}")
+    b, c = images.shape[:2]
+    if c not in (1, 3):
+        raise ValueError(f"images must have 1 or 3 channels, got {c}")
+    views = torch.as_tensor(views, device=images.device)
+    if views.ndim == 1:
+        views = views[None].expand(b, 5)
+    if views.shape != (b, 5):
+        raise ValueError(f"views must be ({b}, 5), got {tuple(views.shape)}")
+    with torch.no_grad():
+        if images.dtype == torch.uint8:
+            x = images.to(torch.float32) / 255.0
+        elif images.is_floating_point():
+            x = images.to(torch.float32)
+        else:
+            raise ValueError(f"images must be uint8 or float, got {images.dtype}")
+        grid = view_grid(views, pre.image_size)
+        out = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+        if c == 1:
+            out = out.expand(b, 3, pre.image_size, pre.image_size)
+        mean = torch.tensor(pre.mean, dtype=torch.float32, device=x.device).view(1, 3, 1, 1)
+        std = torch.tensor(pre.std, dtype=torch.float32, device=x.device).view(1, 3, 1, 1)
+        return ((out - mean) / std).contiguous()

@@ -1,0 +1,104 @@
+"""Training batches: dataset images beside the soft targets of one or more caches, one view per epoch."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from kdcache.cache.reader import Cache, CacheBatch
+from kdcache.cache.sampler import ChunkAwareSampler
+from kdcache.data.datasets import SourceDataset
+from kdcache.data.views import AugmentSpec, identity_views, sample_views
+from kdcache.train.losses import SoftTarget
+
+
+@dataclass
+class Batch:
+    """Base images (uint8, on device), labels, the views to render, and one SoftTarget per cache."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    views: torch.Tensor
+    targets: list[SoftTarget]
+
+
+def to_target(b: CacheBatch, num_classes: int, device: torch.device) -> SoftTarget:
+    """A cache batch as loss input: float32 logits on the training device."""
+    nb = device.type == "cuda"
+    if b.indices is None:
+        return SoftTarget(logits=b.values.to(device, non_blocking=nb).float(), num_classes=num_classes)
+    return SoftTarget(values=b.values.to(device, non_blocking=nb).float(),
+                      indices=b.indices.to(device, non_blocking=nb),
+                      tail=b.tail.to(device, non_blocking=nb).float(), num_classes=num_classes)
+
+
+def view_for_epoch(epoch: int, n_views: int, seed: int) -> int:
+    """The stored view every sample uses this epoch: a seeded cycle through all V before any repeats.
+
+    Views of different samples are drawn independently, so one view index per epoch is as random
+    per sample as a per-sample choice, and it lets the reader decode just that view's chunks.
+    """
+    cycle, pos = divmod(epoch, n_views)
+    return int(np.random.default_rng([seed, cycle, 2]).permutation(n_views)[pos])
+
+
+class PairedLoader:
+    """Iterates one epoch of Batches; cache chunks are prefetched a window ahead of use."""
+
+    def __init__(self, ds: SourceDataset, caches: list[Cache], batch_size: int, seed: int = 0,
+                 num_workers: int = 0, device: torch.device = torch.device("cpu"), shuffle: bool = True,
+                 augment: AugmentSpec | None = None, window: int = 4, rank: int = 0, world_size: int = 1) -> None:
+        self.ds, self.caches, self.device, self.seed = ds, caches, device, seed
+        self.augment = augment
+        chunk_rows = max([c.layout.chunk_rows for c in caches], default=max(len(ds), 1))
+        self.sampler = ChunkAwareSampler(len(ds), chunk_rows, batch_size, window, seed, shuffle, rank, world_size)
+        self.num_workers = num_workers
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+    def epoch(self, epoch: int) -> Iterator[Batch]:
+        self.sampler.set_epoch(epoch)
+        n_views = self.caches[0].n_views if self.caches else 1
+        view = view_for_epoch(epoch, n_views, self.seed)
+        windows = self.sampler.windows()
+        loader = DataLoader(self.ds, batch_sampler=self.sampler, num_workers=self.num_workers,
+                            pin_memory=self.device.type == "cuda")
+        nb = self.device.type == "cuda"
+        ends = np.cumsum([self._rows(w) for w in windows])
+        seen_rows, fetched = 0, 0
+        for images, labels, idx in loader:
+            idx_np = idx.numpy()
+            current = int(np.searchsorted(ends, seen_rows, side="right"))
+            while fetched < min(current + 2, len(windows)):  # the current window and the next one
+                for cache in self.caches:
+                    cache.prefetch(self._cache_chunks(cache, windows[fetched]), view)
+                fetched += 1
+            seen_rows += len(idx_np)
+            cb = [cache.read(idx_np, view) for cache in self.caches]
+            if cb:
+                views = cb[0].views
+            elif self.augment is not None:
+                views = torch.from_numpy(sample_views(self.augment, idx_np, 1, self.seed + 7919 * (epoch + 1))[:, 0])
+            else:
+                views = torch.from_numpy(identity_views(len(idx_np))[:, 0])
+            yield Batch(images=images.to(self.device, non_blocking=nb), labels=labels.to(self.device, non_blocking=nb),
+                        views=views.to(self.device, non_blocking=nb),
+                        targets=[to_target(b, c.num_classes, self.device) for b, c in zip(cb, self.caches)])
+
+    def _rows(self, sampler_chunks: np.ndarray) -> int:
+        r = self.sampler.chunk_rows
+        return sum(min((c + 1) * r, len(self.ds)) - c * r for c in sampler_chunks)
+
+    def _cache_chunks(self, cache: Cache, sampler_chunks: np.ndarray) -> list[int]:
+        """The cache's own chunk ids covering the sampler's chunks (caches may chunk differently)."""
+        r = cache.layout.chunk_rows
+        out: set[int] = set()
+        for c in sampler_chunks:
+            lo, hi = c * self.sampler.chunk_rows, min((c + 1) * self.sampler.chunk_rows, len(self.ds))
+            out.update(range(lo // r, (hi - 1) // r + 1))
+        return sorted(out)

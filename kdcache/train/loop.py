@@ -1,0 +1,170 @@
+"""Stage 2: train a student from cached soft targets (or from labels alone), with no teacher in memory."""
+
+from __future__ import annotations
+
+import math
+import time
+from contextlib import ExitStack
+from dataclasses import asdict, dataclass, field, replace
+
+import torch
+
+from kdcache.cache.dump import default_image_size
+from kdcache.cache.reader import Cache, open_cache
+from kdcache.data.datasets import SourceDataset, open_dataset
+from kdcache.data.views import AugmentSpec, Preprocess, render
+from kdcache.device import amp_dtype, autocast, pick_device
+from kdcache.errors import KDCacheError
+from kdcache.models import build_model, has_distill_heads, param_count
+from kdcache.progress import progress
+from kdcache.train.align import check_alignment
+from kdcache.train.data import PairedLoader
+from kdcache.train.eval import evaluate
+from kdcache.train.objective import Objective
+from kdcache.train.run_dir import RunDir
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything `kdtrain` takes."""
+
+    student: str = "vit_ti"
+    caches: tuple[str, ...] = ()
+    test_cache: str | None = None
+    dataset: str | None = None
+    data_root: str | None = None
+    image_size: int | None = None
+    student_args: dict = field(default_factory=dict)
+    distill_tokens: bool = False
+    head_mode: str = "cls"
+    objective: Objective = Objective()
+    epochs: int = 10
+    batch_size: int = 128
+    optimizer: str = "adamw"
+    lr: float | None = None
+    weight_decay: float | None = None
+    warmup_epochs: float = 1.0
+    clip: float = 1.0
+    augment: str = "none"
+    seed: int = 0
+    device: str = "auto"
+    num_workers: int = 0
+    cache_ram: int = 1 << 30
+    out: str = "runs/kdtrain"
+    resume: bool = False
+    overwrite: bool = False
+    progress: bool = True
+    plots: bool = True
+    command: str = ""
+
+
+def _open_caches(cfg: TrainConfig, stack: ExitStack) -> list[Cache]:
+    caches = [stack.enter_context(open_cache(p, require_complete=False)) for p in cfg.caches]
+    for c in caches:
+        if c.decoded_bytes() <= cfg.cache_ram:
+            c.load()
+    return caches
+
+
+def _dataset_spec(cfg: TrainConfig, caches: list[Cache]) -> tuple[str, int]:
+    """The dataset and input size to train on: as given, else as the first cache recorded it."""
+    if caches:
+        a = caches[0].attrs
+        spec = cfg.dataset or a["dataset"]["spec"]
+        return spec, cfg.image_size or a["teacher"]["preprocess"]["image_size"]
+    spec = cfg.dataset or "digits"
+    return spec, cfg.image_size or 0
+
+
+def _optimizer(cfg: TrainConfig, model: torch.nn.Module, steps: int) -> tuple[torch.optim.Optimizer, object]:
+    if cfg.optimizer == "adamw":
+        opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr or 1e-3,
+                                weight_decay=0.05 if cfg.weight_decay is None else cfg.weight_decay)
+    elif cfg.optimizer == "sgd":
+        opt = torch.optim.SGD(model.parameters(), lr=cfg.lr or 0.1, momentum=0.9, nesterov=True,
+                              weight_decay=5e-4 if cfg.weight_decay is None else cfg.weight_decay)
+    else:
+        raise KDCacheError(f"unknown --optimizer {cfg.optimizer!r}: use adamw or sgd")
+    warmup = max(1, int(cfg.warmup_epochs * steps / max(cfg.epochs, 1)))
+
+    def lr_at(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, steps - warmup))))
+
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
+
+
+def _student(cfg: TrainConfig, num_classes: int, image_size: int, n_teachers: int) -> torch.nn.Module:
+    kwargs = dict(cfg.student_args)
+    if cfg.distill_tokens:
+        if n_teachers == 0:
+            raise KDCacheError("--distill-tokens needs at least one --cache (one token per teacher)")
+        kwargs["distill_tokens"] = n_teachers
+    if cfg.head_mode != "cls":
+        kwargs["head_mode"] = cfg.head_mode
+    return build_model(cfg.student, num_classes=num_classes, image_size=image_size, **kwargs)
+
+
+def run_train(cfg: TrainConfig) -> dict:
+    """Train as `cfg` says; returns the final metrics (also written to OUT/metrics.json)."""
+    torch.manual_seed(cfg.seed)
+    device = pick_device(cfg.device)
+    run = RunDir(cfg.out, resume=cfg.resume, overwrite=cfg.overwrite)
+    with ExitStack() as stack:
+        caches = _open_caches(cfg, stack)
+        spec, image_size = _dataset_spec(cfg, caches)
+        train_ds = open_dataset(spec, "train", cfg.data_root)
+        test_ds = open_dataset(spec, "test", cfg.data_root)
+        check_alignment(caches, train_ds)
+        test_cache = stack.enter_context(open_cache(cfg.test_cache)) if cfg.test_cache else None
+        if test_cache is not None:
+            check_alignment([test_cache], test_ds)
+        pre = Preprocess(image_size or default_image_size(max(train_ds.info.base_shape[1:])))
+        objective = cfg.objective.resolve(len(caches))
+        model = _student(cfg, train_ds.info.num_classes, pre.image_size, len(caches)).to(device)
+        if device.type == "cuda":
+            model = model.to(memory_format=torch.channels_last)
+        augment = AugmentSpec.parse(cfg.augment) if cfg.augment != "none" else None
+        loader = PairedLoader(train_ds, caches, cfg.batch_size, cfg.seed, cfg.num_workers, device,
+                              augment=augment)
+        opt, sched = _optimizer(cfg, model, cfg.epochs * len(loader))
+        scaler = torch.amp.GradScaler(enabled=amp_dtype(device) == torch.float16)
+        start, best = run.restore(model, opt, sched, scaler)
+        meta = {"student": cfg.student, "num_classes": train_ds.info.num_classes, "image_size": pre.image_size,
+                "params": param_count(model), "dataset": spec,
+                "teachers": [{"cache": c.path, **c.attrs["teacher"]} for c in caches]}
+        gen = torch.Generator(device=device).manual_seed(cfg.seed)
+        t0 = time.perf_counter()
+        for epoch in range(start, cfg.epochs):
+            model.train()
+            t_epoch, seen, loss_sum = time.perf_counter(), 0, 0.0
+            with progress(len(train_ds), f"epoch {epoch + 1}/{cfg.epochs}", enable=cfg.progress) as bar:
+                for batch in loader.epoch(epoch):
+                    x = render(batch.images, batch.views, pre)
+                    if device.type == "cuda":
+                        x = x.contiguous(memory_format=torch.channels_last)
+                    with autocast(device):
+                        heads = model.forward_heads(x) if has_distill_heads(model) else model(x)[:, None]
+                    loss = objective(heads.float(), batch.labels, batch.targets, gen)
+                    opt.zero_grad(set_to_none=True)
+                    scaler.scale(loss).backward()
+                    if cfg.clip > 0:
+                        scaler.unscale_(opt)
+                        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip)
+                    scaler.step(opt)
+                    scaler.update()
+                    sched.step()
+                    n = len(batch.labels)
+                    seen, loss_sum = seen + n, loss_sum + float(loss.detach()) * n
+                    bar.update(n)
+            train_time = time.perf_counter() - t_epoch
+            ev = evaluate(model, test_ds, pre, device, test_cache)
+            row = {"epoch": epoch + 1, "train_loss": loss_sum / max(seen, 1), "test_top1": ev["top1"],
+                   "test_ece": ev["ece"], "test_nll": ev["nll"], "agreement": ev.get("agreement"),
+                   "lr": sched.get_last_lr()[0], "train_seconds": train_time,
+                   "samples_per_s": seen / max(train_time, 1e-9)}
+            best = run.end_epoch(row, ev, model, opt, sched, scaler, meta, best, cfg.plots)
+        result = run.finish(meta, asdict(replace(cfg, objective=objective)) | {"objective": asdict(objective)},
+                            wall_seconds=time.perf_counter() - t0)
+    return result
