@@ -48,6 +48,8 @@ def kdcache_main() -> None:
               "rednet26_s, …) or package.module:factory.")
 @click.option("--weights", default=None, help="Checkpoint path (state_dict; kdtrain's checkpoints work) or DEFAULT "
               "for torchvision's published weights.")
+@click.option("--teacher-arg", "teacher_args", multiple=True, help="KEY=VALUE for the teacher's builder "
+              "(kdtrain checkpoints record theirs, e.g. width=16).")
 @click.option("--dataset", default="digits", show_default=True, help="digits, cifar10, cifar100, mnist, "
               "fashionmnist, imagefolder:PATH or package.module:factory.")
 @click.option("--split", type=click.Choice(["train", "test"]), default="train", show_default=True)
@@ -78,6 +80,7 @@ def dump(quiet: bool, **kw: Any) -> None:
 
     if kw["resume"] and kw["overwrite"]:
         raise KDCacheError("--resume and --overwrite contradict each other: pass one of them")
+    kw["teacher_args"] = _builder_args(kw["teacher_args"], "--teacher-arg")
     out = run_dump(DumpConfig(progress=not quiet, command=_command_line(), **kw))
     click.echo(f"wrote {out}")
 
@@ -106,14 +109,14 @@ def _floats(text: str | None, flag: str) -> tuple[float, ...] | None:
         raise KDCacheError(f"{flag} takes comma-separated numbers, e.g. 0.5,0.5; got {text!r}") from None
 
 
-def _student_args(pairs: tuple[str, ...]) -> dict:
+def _builder_args(pairs: tuple[str, ...], flag: str = "--student-arg") -> dict:
     import ast
 
     out = {}
     for p in pairs:
         key, sep, value = p.partition("=")
         if not sep or not key:
-            raise KDCacheError(f"--student-arg takes KEY=VALUE (e.g. hidden=(512,512)); got {p!r}")
+            raise KDCacheError(f"{flag} takes KEY=VALUE (e.g. hidden=(512,512)); got {p!r}")
         try:
             out[key] = ast.literal_eval(value)
         except (ValueError, SyntaxError):
@@ -183,7 +186,7 @@ def kdtrain_main(caches: tuple[str, ...], student_args: tuple[str, ...], loss: s
 
     objective = Objective(loss, alpha, temperature, _floats(lambdas, "--lambdas"), _floats(taus, "--taus"),
                           topk_loss)
-    cfg = TrainConfig(caches=caches, student_args=_student_args(student_args), objective=objective,
+    cfg = TrainConfig(caches=caches, student_args=_builder_args(student_args), objective=objective,
                       cache_ram=_bytes(cache_ram), out=out or f"runs/{kw['student'].replace(':', '_')}",
                       progress=not quiet, plots=not no_plots, command=_command_line(), **kw)
     r = run_train(cfg)
@@ -191,3 +194,23 @@ def kdtrain_main(caches: tuple[str, ...], student_args: tuple[str, ...], loss: s
     click.echo(f"{cfg.student}: test top-1 {100 * f['test_top1']:.2f}% (best {100 * r['best']['test_top1']:.2f}% "
                f"at epoch {r['best']['epoch']}), ECE {f['test_ece']:.4f}, {r['wall_seconds']:.1f} s; "
                f"wrote {cfg.out}/metrics.json")
+
+
+@kdcache_main.command()
+@click.option("--out", default="kdcache-demo", show_default=True, help="Directory for the demo's runs and caches.")
+@click.option("--teacher-epochs", type=int, default=15, show_default=True)
+@click.option("--student-epochs", type=int, default=20, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--quiet", is_flag=True)
+@clean_errors
+def demo(out: str, teacher_epochs: int, student_epochs: int, seed: int, quiet: bool) -> None:
+    """The whole pipeline on the embedded digits data: teacher → dump → students, then a results table."""
+    import time
+
+    from kdcache.demo import DemoConfig, format_table, run_demo
+
+    t0 = time.perf_counter()
+    rows = run_demo(DemoConfig(out=out, teacher_epochs=teacher_epochs, student_epochs=student_epochs, seed=seed,
+                               progress=not quiet))
+    click.echo(format_table(rows))
+    click.echo(f"total {time.perf_counter() - t0:.0f} s; runs, caches and plots in {out}/")

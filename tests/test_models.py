@@ -79,7 +79,7 @@ def test_no_distill_tokens_is_one_head():
         torch.testing.assert_close(model(x), heads[:, 0])
 
 
-def test_vit_tokens_are_distinct_per_head():
+def test_vit_token_and_position_shapes():
     model = build_model("vit_nano", 4, 8, distill_tokens=1)
     assert model.tokens.shape == (1, 2, 96)
     assert model.pos_embed.shape == (1, 2 + 64, 96)

@@ -6,7 +6,7 @@ import datetime
 import hashlib
 import os
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -26,7 +26,7 @@ from kdcache.data.datasets import SourceDataset, fingerprint, open_dataset
 from kdcache.data.views import AugmentSpec, Preprocess, identity_views, render, sample_views
 from kdcache.device import autocast, pick_device
 from kdcache.errors import KDCacheError
-from kdcache.models import build_model, load_weights, param_count
+from kdcache.models import build_model, checkpoint_arch_args, load_weights
 from kdcache.progress import progress
 
 
@@ -36,6 +36,7 @@ class DumpConfig:
 
     teacher: str
     weights: str | None = None
+    teacher_args: dict = field(default_factory=dict)
     dataset: str = "digits"
     split: str = "train"
     data_root: str | None = None
@@ -118,6 +119,7 @@ def _build_attrs(cfg: DumpConfig, ds: SourceDataset, layout: Layout, teacher_id:
         "tail": TAIL_DEFINITION if layout.k else None,
         "compressor": compressor,
         "teacher": {"name": cfg.teacher, "weights": teacher_id, "params": teacher_id.get("params"),
+                    "arch_args": teacher_id.get("arch_args", {}),
                     "preprocess": pre.to_json()},
         "dataset": {"spec": ds.info.spec, "split": ds.info.split, "n": len(ds), "num_classes": ds.info.num_classes,
                     "class_names": list(ds.info.class_names), "base_shape": list(ds.info.base_shape),
@@ -135,14 +137,15 @@ def _build_attrs(cfg: DumpConfig, ds: SourceDataset, layout: Layout, teacher_id:
 
 
 def _load_teacher(cfg: DumpConfig, num_classes: int, image_size: int, device: torch.device) -> tuple[torch.nn.Module, dict]:
-    model = build_model(cfg.teacher, num_classes=num_classes, image_size=image_size)
     weights = cfg.weights
     if weights is None:
         raise KDCacheError(
             f"no --weights for teacher {cfg.teacher}: pass --weights PATH (a checkpoint, e.g. from kdtrain) "
             "or --weights DEFAULT for torchvision's published weights"
         )
-    ident = load_weights(model, weights, cfg.teacher)
+    args = checkpoint_arch_args(weights) | cfg.teacher_args
+    model = build_model(cfg.teacher, num_classes=num_classes, image_size=image_size, **args)
+    ident = load_weights(model, weights, cfg.teacher) | {"arch_args": args}
     model.eval().to(device)
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
@@ -172,7 +175,8 @@ def run_dump(cfg: DumpConfig) -> str:
     num_classes = ds.info.num_classes
     pre = Preprocess(cfg.image_size or default_image_size(max(ds.info.base_shape[1:])))
     layout = Layout(n=len(ds), n_views=cfg.views, num_classes=num_classes, k=cfg.topk, value_dtype=cfg.dtype,
-                    chunk_rows=cfg.chunk_rows or default_chunk_rows(cfg.topk or num_classes, cfg.views, cfg.dtype))
+                    chunk_rows=min(cfg.chunk_rows or default_chunk_rows(cfg.topk or num_classes, cfg.views, cfg.dtype),
+                                   len(ds)))
     device = pick_device(cfg.device)
     teacher, ident = _load_teacher(cfg, num_classes, pre.image_size, device)
     fp = fingerprint(ds)

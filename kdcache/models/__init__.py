@@ -1,6 +1,6 @@
 """Model zoo: built-in teachers/students, torchvision classifiers, factories, and weight loading."""
 
 from .registry import build_model, has_distill_heads, model_names, param_count
-from .weights import load_weights
+from .weights import checkpoint_arch_args, load_weights
 
-__all__ = ["build_model", "has_distill_heads", "load_weights", "model_names", "param_count"]
+__all__ = ["build_model", "checkpoint_arch_args", "has_distill_heads", "load_weights", "model_names", "param_count"]

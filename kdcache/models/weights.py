@@ -142,3 +142,12 @@ def _url_hash_prefix(url: str) -> str:
     """The sha256 prefix torchvision puts in file names (``resnet18-f37072fd.pth``)."""
     match = torch.hub.HASH_REGEX.search(os.path.basename(urlparse(url).path))
     return match.group(1) if match else ""
+
+
+def checkpoint_arch_args(path: str) -> dict[str, Any]:
+    """The builder options a kdtrain checkpoint recorded (e.g. width=16), so a dump rebuilds the same net."""
+    if path == "DEFAULT" or not os.path.isfile(path):
+        return {}
+    obj = _read(path)
+    args = obj.get("arch_args") if isinstance(obj, dict) else None
+    return dict(args) if isinstance(args, dict) else {}

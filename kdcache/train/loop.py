@@ -131,7 +131,7 @@ def run_train(cfg: TrainConfig) -> dict:
         opt, sched = _optimizer(cfg, model, cfg.epochs * len(loader))
         scaler = torch.amp.GradScaler(enabled=amp_dtype(device) == torch.float16)
         start, best = run.restore(model, opt, sched, scaler)
-        meta = {"student": cfg.student, "num_classes": train_ds.info.num_classes, "image_size": pre.image_size,
+        meta = {"student": cfg.student, "student_args": dict(cfg.student_args), "num_classes": train_ds.info.num_classes, "image_size": pre.image_size,
                 "params": param_count(model), "dataset": spec,
                 "teachers": [{"cache": c.path, **c.attrs["teacher"]} for c in caches]}
         gen = torch.Generator(device=device).manual_seed(cfg.seed)

@@ -1,0 +1,119 @@
+"""Peak RSS of a short streaming `kdtrain` run vs the number of samples N in the cache and dataset.
+
+For each N: a synthetic dataset `bench.synthdata:synthetic` (1x8x8 uint8 images generated from the index,
+labels i % 10; only the labels array grows with N) and a matching full 10-class fp16 cache written through
+kdcache's writer with the dataset's identity (so kdtrain's alignment check passes). Then, as a subprocess:
+
+  kdtrain --cache C --student mlp --student-arg hidden=(64,) --epochs 1 --batch-size 1024 \
+          --cache-ram 0 --quiet --no-plots --out RUN --overwrite
+
+(one full epoch, streaming: `--cache-ram 0` never loads the cache whole). Peak RSS is the kernel's
+ru_maxrss of that child (os.wait4); a /proc VmRSS trace is sampled too.
+
+Target: peak RSS(N = 1,000,000) - peak RSS(N = 10,000) <= 64 MB.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np  # noqa: E402
+
+from bench import common  # noqa: E402
+
+TARGET_MB = 64
+
+
+def prepare(n: int, wd: Path) -> str:
+    os.environ["KDBENCH_N"] = str(n)
+    from bench.synthdata import synthetic
+
+    ds = synthetic("train")
+    return common.make_cache(wd / f"synth_n{n}.zarr", labels=ds.labels, num_classes=10,
+                             dataset=common.dataset_attrs(ds), image_size=8)["path"]
+
+
+def run(n: int, cache: str, wd: Path, batch: int, cache_ram: str, tag: str, lru_mb: float | None = None) -> dict:
+    out = wd / f"run_{tag}_n{n}"
+    exe = [common.venv_bin("kdtrain")] if lru_mb is None else [sys.executable, "-m", "bench._kdtrain_lru"]
+    cmd = [*exe, "--cache", cache, "--student", "mlp", "--student-arg", "hidden=(64,)",
+           "--epochs", "1", "--batch-size", str(batch), "--cache-ram", cache_ram, "--quiet", "--no-plots",
+           "--out", str(out), "--overwrite"]
+    env = {"KDBENCH_N": str(n), "PYTHONPATH": str(common.REPO)}
+    if lru_mb is not None:
+        env["KDBENCH_LRU_MB"] = str(lru_mb)
+    load = common.loadavg()
+    r = common.run_measured(cmd, env=env, log=wd / f"log_{tag}_n{n}.txt")
+    if r["rc"] != 0:
+        sys.exit(f"kdtrain failed (rc {r['rc']}); see {wd / f'log_{tag}_n{n}.txt'}:\n"
+                 + (wd / f"log_{tag}_n{n}.txt").read_text()[-2000:])
+    m = json.loads((out / "metrics.json").read_text())
+    trace = np.asarray([b for _, b in r["trace"]], dtype=np.float64)
+    return {"N": n, "mode": tag, "peak_rss_mb": r["peak_rss_bytes"] / 1e6,
+            "median_rss_mb": float(np.median(trace)) / 1e6 if len(trace) else None,
+            "wall_s": r["wall_s"], "train_s": m["final"]["train_seconds"],
+            "train_samples_per_s": m["final"]["samples_per_s"], "test_top1": m["final"]["test_top1"],
+            "loadavg": load, "command": r["cmd"],
+            "env": " ".join(f"{k}={v}" for k, v in env.items())}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sizes", default="10000,100000,1000000", help="comma-separated N")
+    ap.add_argument("--batch-size", type=int, default=1024)
+    ap.add_argument("--lru-mb", type=float, default=8.0,
+                    help="also run the smallest and largest N with the reader LRU capped at this many MiB "
+                         "(bench/_kdtrain_lru.py; 0 = skip): the proposed fix")
+    ap.add_argument("--in-memory", action="store_true",
+                    help="also run with kdtrain's default --cache-ram 1GiB (cache loaded whole), for contrast")
+    args = ap.parse_args()
+    common.setup_torch()
+    wd = common.workdir("rss")
+    sizes = [int(s) for s in args.sizes.split(",")]
+    caches = {n: prepare(n, wd) for n in sizes}
+    modes = [("stream", "0", None, sizes)]
+    if args.lru_mb:
+        modes.append((f"stream-lru{args.lru_mb:g}M", "0", args.lru_mb, [min(sizes), max(sizes)]))
+    if args.in_memory:
+        modes.append(("in-memory", "1GiB", None, sizes))
+    rows = []
+    print(f"load average {common.wait_quiet(1.0, 60):.2f}", flush=True)
+    for tag, ram, lru, ns in modes:
+        for n in ns:
+            print(f"kdtrain N={n:,} ({tag}) ...", flush=True)
+            r = run(n, caches[n], wd, args.batch_size, ram, tag, lru)
+            rows.append(r)
+            print(f"  peak RSS {r['peak_rss_mb']:.1f} MB, wall {r['wall_s']:.1f} s, "
+                  f"{r['train_samples_per_s']:,.0f} samples/s", flush=True)
+    for tag, *_ in modes:
+        base = next(r for r in rows if r["mode"] == tag and r["N"] == min(sizes))
+        for r in rows:
+            if r["mode"] == tag:
+                r["delta_vs_smallest_mb"] = r["peak_rss_mb"] - base["peak_rss_mb"]
+    cols = ["N", "mode", "peak_rss_mb", "delta_vs_smallest_mb", "median_rss_mb", "wall_s", "train_s",
+            "train_samples_per_s", "loadavg"]
+    print()
+    print(common.table(rows, cols))
+    verdict = None
+    for r in rows:
+        if r["mode"].startswith("stream-lru") and r["N"] == max(sizes):
+            print(f"\nwith the LRU capped at {args.lru_mb:g} MiB: peak RSS({max(sizes):,}) - peak RSS({min(sizes):,}) = "
+                  f"{r['delta_vs_smallest_mb']:.1f} MB")
+    if 10_000 in sizes and 1_000_000 in sizes:
+        a = next(r for r in rows if r["mode"] == "stream" and r["N"] == 10_000)
+        b = next(r for r in rows if r["mode"] == "stream" and r["N"] == 1_000_000)
+        d = b["peak_rss_mb"] - a["peak_rss_mb"]
+        verdict = {"delta_mb": d, "target_mb": TARGET_MB, "met": d <= TARGET_MB}
+        print(f"\ntarget: peak RSS(1M) - peak RSS(10k) = {d:.1f} MB (<= {TARGET_MB} MB: "
+              f"{'met' if d <= TARGET_MB else 'MISSED'})")
+    common.write_results("rss", {"rows": rows, "target": verdict, "batch_size": args.batch_size})
+
+
+if __name__ == "__main__":
+    main()
