@@ -214,3 +214,19 @@ def demo(out: str, teacher_epochs: int, student_epochs: int, seed: int, quiet: b
                                progress=not quiet))
     click.echo(format_table(rows))
     click.echo(f"total {time.perf_counter() - t0:.0f} s; runs, caches and plots in {out}/")
+
+
+@kdcache_main.command()
+@click.argument("path")
+@clean_errors
+def verify(path: str) -> None:
+    """Check status, done map, per-chunk checksums, shapes, dtypes, NaN/Inf, index ranges and attributes."""
+    from kdcache.cache.verify import verify as run_verify
+
+    problems, checked = run_verify(path)
+    if problems:
+        for p in problems:
+            click.echo(f"{path}: {p}", err=True)
+        click.echo(f"error: {path} failed verification ({len(problems)} problem(s))", err=True)
+        sys.exit(1)
+    click.echo(f"ok: {path}: {checked['n']} samples, {checked['chunks']} chunks × {checked['views']} view(s) verified")

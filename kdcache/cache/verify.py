@@ -1,0 +1,106 @@
+"""`kdcache verify`: prove a cache sound, or say precisely which array, chunk and check fails."""
+
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+
+from kdcache.cache.format import (
+    REQUIRED_ATTRS, STATUS_COMPLETE, Layout, check_version, view_checksum,
+)
+from kdcache.cache.store import Store, open_store
+from kdcache.errors import KDCacheError
+
+PER_VIEW = ("values", "indices", "tail", "views")
+
+
+def _schema(attrs: dict) -> list[str]:
+    missing = [k for k in REQUIRED_ATTRS if k not in attrs]
+    if missing:
+        return [f"attributes: missing {', '.join(missing)}"]
+    problems = []
+    for key, typ in (("n", int), ("n_views", int), ("num_classes", int), ("chunk_rows", int), ("teacher", dict),
+                     ("dataset", dict), ("views", dict), ("command", str)):
+        if not isinstance(attrs[key], typ) or isinstance(attrs[key], bool):
+            problems.append(f"attributes: {key} should be {typ.__name__}, found {type(attrs[key]).__name__}")
+    if attrs["status"] != STATUS_COMPLETE:
+        problems.append(f"attributes: status is {attrs['status']!r}, not 'complete' (finish it with --resume)")
+    if isinstance(attrs.get("dataset"), dict) and attrs["dataset"].get("n") != attrs["n"]:
+        problems.append(f"attributes: dataset.n {attrs['dataset'].get('n')} differs from n {attrs['n']}")
+    return problems
+
+
+def _arrays(store: Store, layout: Layout) -> list[str]:
+    problems = []
+    for name, (shape, dtype, _) in layout.arrays().items():
+        if name not in store:
+            problems.append(f"{name}: array missing")
+            continue
+        a = store[name]
+        if tuple(a.shape) != shape or np.dtype(a.dtype) != np.dtype(dtype):
+            problems.append(f"{name}: shape {tuple(a.shape)} dtype {a.dtype}, expected shape {shape} dtype {dtype}")
+    return problems
+
+
+def _chunk(store: Store, layout: Layout, c: int, v: int, stored_crc: int) -> list[str]:
+    sl = layout.chunk_slice(c)
+    where = f"chunk {c} (rows {sl.start}-{sl.stop - 1}), view {v}"
+    try:
+        rows = {n: np.asarray(store[n][sl, v]) for n in PER_VIEW if n in store}
+    except Exception as e:  # a damaged chunk fails to decode in many library-specific ways
+        return [f"{where}: cannot be read ({type(e).__name__}: {e})"]
+    problems = []
+    if view_checksum(rows) != stored_crc:
+        problems.append(f"{where}: checksum mismatch (stored {stored_crc:#010x}, data {view_checksum(rows):#010x})")
+    for n in ("values", "tail"):
+        if n in rows:
+            bad = int((~np.isfinite(rows[n].astype(np.float32))).reshape(len(rows[n]), -1).any(1).sum())
+            if bad:
+                problems.append(f"{where}: {n} holds NaN or Inf in {bad} rows")
+    if "indices" in rows:
+        idx = rows["indices"]
+        if idx.size and (idx.min() < 0 or idx.max() >= layout.num_classes):
+            problems.append(f"{where}: indices outside [0, {layout.num_classes})")
+        vals = rows["values"].astype(np.float32)
+        if (np.diff(vals, axis=-1) > 0).any():
+            problems.append(f"{where}: top-k values not sorted in descending order")
+    return problems
+
+
+def verify(path: str) -> tuple[list[str], dict]:
+    """All problems found (empty when sound) and a summary of what was checked."""
+    try:
+        store = open_store(path, "r")
+    except KDCacheError as e:
+        return [str(e)], {}
+    try:
+        attrs = store.attrs
+        try:
+            check_version(attrs, path)
+        except KDCacheError as e:
+            return [str(e)], {}
+        problems = _schema(attrs)
+        if problems and problems[0].startswith("attributes: missing"):
+            return problems, {}
+        layout = Layout.from_attrs(attrs)
+        problems += _arrays(store, layout)
+        if any(p.split(":")[0] in ("done", "checksum", "labels") for p in problems):
+            return problems, {}
+        done = np.asarray(store["done"][...], dtype=bool)
+        if not done.all():
+            problems.append(f"done: {int((~done).sum())} of {len(done)} chunks not written "
+                            f"(first: {int(np.nonzero(~done)[0][0])})")
+        crcs = np.asarray(store["checksum"][...], dtype=np.uint32)
+        for c in np.nonzero(done)[0]:
+            for v in range(layout.n_views):
+                problems += _chunk(store, layout, int(c), v, int(crcs[c, v]))
+        labels = np.asarray(store["labels"][...], dtype="<i8")
+        if labels.size and (labels.min() < -1 or labels.max() >= layout.num_classes):
+            problems.append(f"labels: values outside [-1, {layout.num_classes})")
+        want = attrs["dataset"].get("labels_sha256")
+        if want and hashlib.sha256(labels.tobytes()).hexdigest() != want:
+            problems.append("labels: sha256 differs from dataset.labels_sha256 in the attributes")
+        return problems, {"chunks": int(done.sum()), "views": layout.n_views, "n": layout.n}
+    finally:
+        store.close()
