@@ -230,3 +230,52 @@ def verify(path: str) -> None:
         click.echo(f"error: {path} failed verification ({len(problems)} problem(s))", err=True)
         sys.exit(1)
     click.echo(f"ok: {path}: {checked['n']} samples, {checked['chunks']} chunks × {checked['views']} view(s) verified")
+
+
+@kdcache_main.command()
+@click.argument("src")
+@click.argument("dest")
+@click.option("--compressor", default=None, help="Compressor of the output (see dump).")
+@click.option("--overwrite", is_flag=True)
+@clean_errors
+def convert(src: str, dest: str, compressor: str | None, overwrite: bool) -> None:
+    """Copy a cache to another backend (.zarr ↔ .h5) or compressor, losslessly; every array is checked after."""
+    from kdcache.cache.convert import convert as run
+
+    run(src, dest, compressor, overwrite)
+    click.echo(f"wrote {dest} (verified equal to {src})")
+
+
+@kdcache_main.command()
+@click.argument("src")
+@click.argument("dest")
+@click.option("--overwrite", is_flag=True)
+@clean_errors
+def pack(src: str, dest: str, overwrite: bool) -> None:
+    """Pack a cache into one .zip file that zarr reads in place (locally or over HTTP)."""
+    from kdcache.cache.convert import pack as run
+
+    run(src, dest, overwrite)
+    click.echo(f"wrote {dest} (verified equal to {src})")
+
+
+@kdcache_main.command()
+@click.argument("caches", nargs=-1, required=True)
+@click.option("--out", required=True, help="The ensemble cache (.zarr or .h5).")
+@click.option("--mode", type=click.Choice(["mean-prob", "mean-logit"]), default="mean-prob", show_default=True)
+@click.option("--temperature", type=float, default=1.0, show_default=True,
+              help="mean-prob averages softmax(z/T); the stored logits reproduce it exactly at this T.")
+@click.option("--weights", default=None, help="Member weights, comma-separated (normalised to sum 1).")
+@click.option("--overwrite", is_flag=True)
+@clean_errors
+def merge(caches: tuple[str, ...], out: str, mode: str, temperature: float, weights: str | None,
+          overwrite: bool) -> None:
+    """Merge several teachers' caches of one dataset into an ensemble cache."""
+    from kdcache.cache.merge import merge as run
+
+    w = _floats(weights, "--weights")
+    run(list(caches), out, mode, temperature, list(w) if w else None, overwrite, _command_line())
+    click.echo(f"wrote {out}")
+
+
+kdcache_main.add_command(kdtrain_main, "train")

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import hashlib
-import os
-import shutil
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -19,7 +18,8 @@ from kdcache.cache.format import (
 )
 from kdcache.cache.lock import WriteLock
 from kdcache.cache.store import (
-    Store, backend_for, check_compressor, create_zarr, default_compressor, open_store, staging_path,
+    Store, backend_for, check_compressor, create_zarr, default_compressor, is_url, open_store, path_exists,
+    remove_tree, staging_path,
 )
 from kdcache.cache.writer import ChunkWriter, Rows
 from kdcache.data.datasets import SourceDataset, fingerprint, open_dataset
@@ -80,10 +80,10 @@ def _chunk_batches(layout: Layout, chunks: list[int], batch_size: int) -> list[l
 def _prepare_target(cfg: DumpConfig, layout: Layout, attrs: dict, compressor: str) -> Store:
     """Create, resume or refuse, by what is already at the output path. Never clobbers unasked."""
     final, stage = cfg.out, staging_path(cfg.out)
-    if os.path.exists(final) and final != stage:  # a finished HDF5 file
+    if path_exists(final) and final != stage:  # a finished HDF5 file
         if not cfg.overwrite:
             raise KDCacheError(f"{final} already exists: pass --overwrite to replace it, or choose another --out")
-    if os.path.exists(stage):
+    if path_exists(stage):
         try:
             existing = open_store(stage, "r+")
             old = existing.attrs
@@ -104,9 +104,9 @@ def _prepare_target(cfg: DumpConfig, layout: Layout, attrs: dict, compressor: st
             hint = "--overwrite to replace it" if old.get("status") != STATUS_PARTIAL else \
                 "--resume to finish it (same command) or --overwrite to start over"
             raise KDCacheError(f"{stage} already {what}: pass {hint}")
-        shutil.rmtree(stage)
-    if cfg.overwrite and os.path.isfile(final) and final != stage:
-        os.remove(final)
+        remove_tree(stage)
+    if cfg.overwrite and final != stage and path_exists(final):
+        remove_tree(final)
     # HDF5 output is staged uncompressed and compressed once, when it is converted at the end.
     return create_zarr(stage, layout, "none" if backend_for(cfg.out) == "hdf5" else compressor, attrs)
 
@@ -182,14 +182,18 @@ def run_dump(cfg: DumpConfig) -> str:
     fp = fingerprint(ds)
     attrs = _build_attrs(cfg, ds, layout, ident, pre, aug, fp, compressor)
     stage = staging_path(cfg.out)
-    with WriteLock(cfg.out):
+    if cfg.out.lower().endswith(".zip"):
+        raise KDCacheError(f"cannot dump into a .zip ({cfg.out}): dump to .zarr, then 'kdcache pack' it")
+    if is_url(cfg.out) and backend != "zarr":
+        raise KDCacheError(f"cannot write HDF5 at a URL ({cfg.out}): dump to a .zarr URL, or write HDF5 locally")
+    with WriteLock(cfg.out) if not is_url(cfg.out) else contextlib.nullcontext():
         store = _prepare_target(cfg, layout, attrs, compressor)
         done = np.asarray(store["done"][...], dtype=bool)
         todo = [c for c in range(layout.n_chunks) if not done[c]]
         _run_chunks(cfg, teacher, ds, layout, store, todo, pre, aug, device)
         finalize.finalize(store, cfg.out, compressor)
     if stage != cfg.out:
-        shutil.rmtree(stage)
+        remove_tree(stage)
     return cfg.out
 
 

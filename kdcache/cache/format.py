@@ -85,7 +85,7 @@ class Layout:
 
     def arrays(self) -> dict[str, tuple[tuple[int, ...], str, tuple[int, ...]]]:
         """name -> (shape, dtype, chunk shape); chunked along samples, one view per chunk."""
-        n, v, r, w = self.n, self.n_views, self.chunk_rows, self.width
+        n, v, r, w = self.n, self.n_views, min(self.chunk_rows, self.n), self.width
         out = {
             "values": ((n, v, w), self.value_dtype, (r, 1, w)),
             "labels": ((n,), "int64", (r,)),

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import threading
 from collections import OrderedDict
 from collections.abc import Iterable
@@ -13,7 +12,7 @@ import numpy as np
 import torch
 
 from kdcache.cache.format import STATUS_COMPLETE, Layout, check_version, view_checksum
-from kdcache.cache.store import Store, open_store, staging_path
+from kdcache.cache.store import Store, open_store, path_exists, staging_path
 from kdcache.errors import KDCacheError
 
 PER_VIEW = ("values", "indices", "tail", "views")
@@ -188,7 +187,7 @@ class Cache:
 def open_cache(path: str, require_complete: bool = True, lru_bytes: int = DEFAULT_LRU_BYTES) -> Cache:
     """Open a cache for reading; by default refuse one that is not `complete`."""
     stage = staging_path(path)
-    if stage != path and not os.path.exists(path) and os.path.exists(stage):
+    if stage != path and not path_exists(path) and path_exists(stage):
         raise KDCacheError(f"{path} is not written yet: a partial dump is at {stage}; finish it with "
                            "'kdcache dump ... --resume' (same command)")
     cache = Cache(open_store(path, "r"), lru_bytes=lru_bytes)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from typing import Any
 
 import numpy as np
@@ -11,7 +12,7 @@ import numpy as np
 from kdcache.cache.format import ATTR_KEY, Layout
 from kdcache.errors import KDCacheError
 
-ZARR_SUFFIXES = (".zarr",)
+ZARR_SUFFIXES = (".zarr", ".zip")
 HDF5_SUFFIXES = (".h5", ".hdf5")
 ZARR_COMPRESSORS = ("blosc-zstd", "blosc-lz4", "zstd", "gzip", "none")
 HDF5_COMPRESSORS = ("gzip", "lzf", "none")
@@ -27,8 +28,33 @@ def backend_for(path: str) -> str:
         return "hdf5"
     raise KDCacheError(
         f"cannot tell the cache format of {path!r} from its suffix: end it in .zarr (Zarr directory) "
-        "or .h5/.hdf5 (HDF5 file)"
+        "or .h5/.hdf5 (HDF5 file), or .zip (a packed Zarr cache, read-only)"
     )
+
+
+def is_url(path: str) -> bool:
+    """An fsspec URL (s3://, gs://, https://, …) rather than a local path."""
+    return "://" in path
+
+
+def path_exists(path: str) -> bool:
+    if not is_url(path):
+        return os.path.exists(path)
+    import fsspec
+
+    fs, p = fsspec.core.url_to_fs(path)
+    return fs.exists(p)
+
+
+def remove_tree(path: str) -> None:
+    """Delete a local or remote cache directory or file."""
+    if not is_url(path):
+        shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+        return
+    import fsspec
+
+    fs, p = fsspec.core.url_to_fs(path)
+    fs.rm(p, recursive=True)
 
 
 def default_compressor(backend: str) -> str:
@@ -98,22 +124,40 @@ class Store:
             self._h.close()
 
 
+def _open_handle(path: str, backend: str, mode: str) -> Any:
+    if backend == "zarr":
+        import zarr
+
+        if path.lower().endswith(".zip"):
+            if mode != "r":
+                raise KDCacheError(f"{path} is a packed (read-only) cache: unpack it or dump to a .zarr path")
+            if is_url(path):
+                return zarr.open_group(f"zip::{path}", mode="r")
+            from zarr.storage import ZipStore
+
+            return zarr.open_group(ZipStore(path, mode="r"), mode="r")
+        return zarr.open_group(path, mode=mode)
+    import h5py
+
+    if is_url(path):
+        import fsspec
+
+        if mode != "r":
+            raise KDCacheError(f"cannot write HDF5 at a URL ({path}): write it locally, or dump to a .zarr URL")
+        return h5py.File(fsspec.open(path, "rb").open(), "r", rdcc_nbytes=H5_CHUNK_CACHE_BYTES)
+    return h5py.File(path, mode, rdcc_nbytes=H5_CHUNK_CACHE_BYTES)
+
+
 def open_store(path: str, mode: str = "r") -> Store:
-    """Open an existing cache store ('r' or 'r+'); a clear error when it is missing or unreadable."""
+    """Open an existing cache store ('r' or 'r+'), local or at an fsspec URL; a clear error when unreadable."""
     backend = backend_for(path)
-    if "://" not in path and not os.path.exists(path):
-        raise KDCacheError(f"no cache at {path}: check the path, or create one with 'kdcache dump --out {path}'")
     try:
-        if backend == "zarr":
-            import zarr
-
-            return Store(path, backend, zarr.open_group(path, mode=mode))
-        import h5py
-
-        return Store(path, backend, h5py.File(path, mode, rdcc_nbytes=H5_CHUNK_CACHE_BYTES))
+        if not path_exists(path):
+            raise KDCacheError(f"no cache at {path}: check the path, or create one with 'kdcache dump --out {path}'")
+        return Store(path, backend, _open_handle(path, backend, mode))
     except KDCacheError:
         raise
-    except Exception as e:  # the libraries raise many types for a damaged store
+    except Exception as e:  # the libraries raise many types for a damaged or unreachable store
         raise KDCacheError(f"cannot open {path} as a {backend} cache ({type(e).__name__}: {e}); "
                            "run 'kdcache verify' on it or dump it again") from None
 
@@ -133,23 +177,29 @@ def create_zarr(path: str, layout: Layout, compressor: str, attrs: dict) -> Stor
     return store
 
 
+def copy_arrays(src: Store, put: Any, layout: Layout) -> None:
+    """Copy every array of `layout` from `src` into `put(name)` chunk by chunk (never a whole-array load)."""
+    for name in layout.arrays():
+        dst = put(name)
+        if name in ("done", "checksum"):
+            dst[...] = src[name][...]
+            continue
+        for c in range(layout.n_chunks):
+            sl = layout.chunk_slice(c)
+            dst[sl] = np.asarray(src[name][sl])
+
+
 def write_hdf5(src: Store, dest: str, compressor: str, attrs: dict) -> None:
-    """Copy every array of `src` into a new HDF5 file at `dest`, chunk by chunk (no whole-array load)."""
+    """Copy every array of `src` into a new HDF5 file at `dest`, with `attrs` as its JSON attribute."""
     import h5py
 
     layout = Layout.from_attrs(attrs)
     opts = _h5_filter(compressor)
     with h5py.File(dest, "w") as f:
         for name, (shape, dtype, chunks) in layout.arrays().items():
-            small = name in ("done", "checksum")
-            ds = f.create_dataset(name, shape=shape, dtype=dtype, chunks=chunks,
-                                  **({} if small else opts))
-            if small:
-                ds[...] = src[name][...]
-                continue
-            for c in range(layout.n_chunks):
-                sl = layout.chunk_slice(c)
-                ds[sl] = np.asarray(src[name][sl])
+            f.create_dataset(name, shape=shape, dtype=dtype, chunks=chunks,
+                             **({} if name in ("done", "checksum") else opts))
+        copy_arrays(src, f.__getitem__, layout)
         f.attrs[ATTR_KEY] = json.dumps(attrs)
 
 

@@ -11,7 +11,7 @@ import torch
 
 from kdcache.cache.dump import default_image_size
 from kdcache.cache.reader import Cache, open_cache
-from kdcache.data.datasets import SourceDataset, open_dataset
+from kdcache.data.datasets import open_dataset
 from kdcache.data.views import AugmentSpec, Preprocess, render
 from kdcache.device import amp_dtype, autocast, pick_device
 from kdcache.errors import KDCacheError
