@@ -10,8 +10,8 @@ kdcache/train/loop.py:
            losses.kd is applied to its logits (the loop is written here from kdcache pieces)
 Students: mlp (kdcache's default 3072-1200-1200-10) and vit_nano. Teachers: cnn_s and cifar_resnet10 at
 width 16 (bench.synthdata:cifar_resnet10_w16), random weights (speed only); caches via kdcache's run_dump.
-Epochs of all modes are interleaved (round robin) and the median epoch time is reported, so machine noise
-hits every mode alike.
+Epochs of all modes are interleaved (round robin) so machine noise hits every mode alike; the median and
+the best epoch (least disturbed by other jobs on the machine) are both reported.
 
 Target: cached >= 0.97x plain samples/s. Also reported: online / cached.
 """
@@ -140,22 +140,24 @@ def main() -> None:
                 n, dt = m.epoch()
                 times[m.label].append(n / dt)
         sps = {k: common.median(v) for k, v in times.items()}
-        plain = sps["plain CE"]
+        best = {k: max(v) for k, v in times.items()}
         for m in modes:
             teacher = m.label.split("(")[-1].rstrip(")") if "(" in m.label else None
-            cached = sps[f"KD cached ({teacher})"] if teacher else None
-            v = times[m.label]
-            rows.append({"student": student, "mode": m.label, "samples/s": sps[m.label],
-                         "spread %": 100 * (max(v) - min(v)) / 2 / sps[m.label],
-                         "x plain": sps[m.label] / plain,
-                         "online/cached": sps[m.label] / cached if m.label.startswith("KD online") else None,
-                         "epochs": len(v), "loadavg": load0})
-            print(f"  {student:9s} {m.label:28s} {sps[m.label]:>9,.0f} samples/s  x plain {sps[m.label] / plain:.3f}",
-                  flush=True)
-    cols = ["student", "mode", "samples/s", "x plain", "online/cached", "spread %", "epochs", "loadavg"]
+            online = m.label.startswith("KD online")
+            c = f"KD cached ({teacher})"
+            rows.append({"student": student, "mode": m.label, "samples/s": sps[m.label], "best samples/s": best[m.label],
+                         "x plain": sps[m.label] / sps["plain CE"], "x plain (best)": best[m.label] / best["plain CE"],
+                         "online/cached": sps[m.label] / sps[c] if online else None,
+                         "online/cached (best)": best[m.label] / best[c] if online else None,
+                         "epochs": len(times[m.label]), "loadavg": load0, "loadavg_end": common.loadavg()})
+            print(f"  {student:9s} {m.label:34s} {sps[m.label]:>9,.0f} samples/s (best {best[m.label]:,.0f})  "
+                  f"x plain {sps[m.label] / sps['plain CE']:.3f} (best {best[m.label] / best['plain CE']:.3f})", flush=True)
+    cols = ["student", "mode", "samples/s", "best samples/s", "x plain", "x plain (best)", "online/cached",
+            "online/cached (best)", "epochs", "loadavg"]
     print()
     print(common.table(rows, cols))
-    verdict = [{"student": r["student"], "mode": r["mode"], "x_plain": r["x plain"], "met": r["x plain"] >= 0.97}
+    verdict = [{"student": r["student"], "mode": r["mode"], "x_plain": r["x plain"], "x_plain_best": r["x plain (best)"],
+                "met": r["x plain"] >= 0.97}
                for r in rows if r["mode"].startswith("KD cached")]
     print("\ntarget cached >= 0.97x plain: " + ", ".join(
         f"{v['student']} {v['mode']}: {v['x_plain']:.3f} ({'met' if v['met'] else 'MISSED'})" for v in verdict))

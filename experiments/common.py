@@ -219,13 +219,26 @@ def _digits_half(which: str, split: str) -> ArrayDataset:
 
 
 def digits_a(split: str = "train", root: str | None = None) -> ArrayDataset:
-    """Half A of the digits train split (718 images, class-stratified); test = the digits test split."""
+    """Half A of the digits train split (716 images: floor of half of each class); test = the digits test split."""
     return _digits_half("a", split)
 
 
 def digits_b(split: str = "train", root: str | None = None) -> ArrayDataset:
-    """Half B: the other 719 train images; test = the digits test split."""
+    """Half B: the other 721 train images; test = the digits test split."""
     return _digits_half("b", split)
+
+
+OMITTED_CLASS = 3
+
+
+def digits_no3(split: str = "train", root: str | None = None) -> ArrayDataset:
+    """The digits train split without any image of a 3 (Hinton et al.'s omitted-class transfer set);
+    test = the whole digits test split, 3s included.  Still a 10-class dataset."""
+    base = open_dataset("digits", split)
+    spec = "experiments.common:digits_no3"
+    keep = np.arange(len(base.labels)) if split == "test" else np.flatnonzero(base.labels != OMITTED_CLASS)
+    info = DatasetInfo(spec, split, base.info.num_classes, base.info.class_names, base.info.base_shape)
+    return ArrayDataset(info, np.ascontiguousarray(base.images[keep]), base.labels[keep], base.layout)
 
 
 # --------------------------------------------------------------------------- cache facts
@@ -247,3 +260,25 @@ def savefig(fig, name: str) -> str:
 
 def nan_to_dash(x: float | None, fmt: str = "{:.3f}") -> str:
     return "—" if x is None or (isinstance(x, float) and math.isnan(x)) else fmt.format(x)
+
+
+# --------------------------------------------------------------------------- evaluation
+
+
+def test_logits(model: torch.nn.Module, image_size: int, spec: str = "digits",
+                views: np.ndarray | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logits, labels) of `model` on the test split, each sample under `views[i]` (identity if None)."""
+    from kdcache.data.views import Preprocess
+    from kdcache.train.eval import predict
+
+    ds = open_dataset(spec, "test")
+    v = None if views is None else np.asarray(views, dtype=np.float32).reshape(len(ds), 5)
+    return predict(model, ds, Preprocess(image_size), torch.device("cpu"), views=v), torch.from_numpy(ds.labels)
+
+
+def scores(logits: torch.Tensor, y: torch.Tensor) -> dict:
+    """top1, ECE (15 bins) and NLL of logits against labels."""
+    from kdcache.train import metrics
+
+    return {"top1": metrics.accuracy(logits, y), "ece": metrics.ece(logits.softmax(-1), y),
+            "nll": float(torch.nn.functional.cross_entropy(logits, y))}

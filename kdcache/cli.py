@@ -20,6 +20,13 @@ def _command_line() -> str:
     return " ".join([os.path.basename(sys.argv[0])] + [shlex.quote(a) for a in sys.argv[1:]])
 
 
+def _rank0() -> bool:
+    """Under torchrun only rank 0 reports; every rank still exits with its own status."""
+    import os
+
+    return os.environ.get("RANK", "0") == "0"
+
+
 def clean_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
     """Turn user-fixable errors into one line on stderr and a non-zero exit, never a traceback."""
 
@@ -82,7 +89,8 @@ def dump(quiet: bool, **kw: Any) -> None:
         raise KDCacheError("--resume and --overwrite contradict each other: pass one of them")
     kw["teacher_args"] = _builder_args(kw["teacher_args"], "--teacher-arg")
     out = run_dump(DumpConfig(progress=not quiet, command=_command_line(), **kw))
-    click.echo(f"wrote {out}")
+    if _rank0():
+        click.echo(f"wrote {out}")
 
 
 @kdcache_main.command()
@@ -191,6 +199,8 @@ def kdtrain_main(caches: tuple[str, ...], student_args: tuple[str, ...], loss: s
                       progress=not quiet, plots=not no_plots, command=_command_line(), **kw)
     r = run_train(cfg)
     f = r["final"]
+    if not _rank0():
+        return
     click.echo(f"{cfg.student}: test top-1 {100 * f['test_top1']:.2f}% (best {100 * r['best']['test_top1']:.2f}% "
                f"at epoch {r['best']['epoch']}), ECE {f['test_ece']:.4f}, {r['wall_seconds']:.1f} s; "
                f"wrote {cfg.out}/metrics.json")

@@ -13,6 +13,7 @@ import math
 import re
 import subprocess
 import sys
+import zipfile
 import zlib
 from pathlib import Path
 
@@ -51,6 +52,9 @@ for out, extra in jobs:
     kdcache_main(["dump", "--teacher", "mlp", "--weights", root + "/teacher.pt", "--dataset", "digits",
                   "--image-size", "16", "--device", "cpu", "--quiet", "--out", out, *extra], standalone_mode=False)
 
+# A packed (.zip) copy of one Zarr cache.
+kdcache_main(["pack", jobs[1][0], root + "/packed.zip"], standalone_mode=False)
+
 # An HDF5 dump interrupted (as by Ctrl-C) at sample 750: leaves only its staging Zarr.
 from kdcache.data.datasets import ArrayDataset, open_dataset
 
@@ -86,6 +90,7 @@ def caches(tmp_path_factory) -> dict[str, str]:
     # the --quiet dumps that succeed write nothing to stderr; the interrupted one writes one line
     assert r.stderr.startswith("interrupted") and len(r.stderr.splitlines()) == 1, r.stderr
     paths["interrupted"] = str(root / "interrupted.h5")
+    paths["packed"] = str(root / "packed.zip")
     return paths
 
 
@@ -128,6 +133,21 @@ def test_partial_hdf5_dump_is_a_staging_zarr(caches):
             part = np.ascontiguousarray(g[name][ci * r:(ci + 1) * r, 0])
             crc = zlib.crc32(part.astype(part.dtype.newbyteorder("<")).tobytes(), crc)
         assert crc == int(g["checksum"][ci, 0])
+
+
+def test_packed_zip_is_the_zarr_cache_in_a_stored_zip(caches):
+    path, source = caches["packed"], caches[list(CACHES)[1]]
+    with zipfile.ZipFile(path) as z:
+        infos = z.infolist()
+        assert "zarr.json" in {i.filename for i in infos}
+        assert all(i.compress_type == zipfile.ZIP_STORED for i in infos)
+    g = zarr.open_group(zarr.storage.ZipStore(path, mode="r"), mode="r")
+    src = zarr.open_group(source, mode="r")
+    assert dict(g.attrs["kdcache"]) == dict(src.attrs["kdcache"])
+    assert sorted(g.array_keys()) == sorted(src.array_keys())
+    for name in src.array_keys():
+        np.testing.assert_array_equal(g[name][...], src[name][...])
+        assert g[name].dtype == src[name].dtype and g[name].chunks == src[name].chunks
 
 
 def test_this_module_imports_no_kdcache():

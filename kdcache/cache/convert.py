@@ -11,7 +11,7 @@ import numpy as np
 
 from kdcache.cache.format import STATUS_COMPLETE, Layout, check_version
 from kdcache.cache.store import (
-    Store, backend_for, copy_arrays, create_zarr, default_compressor, is_url, open_store, path_exists,
+    Store, backend_for, copy_arrays, create_zarr, default_compressor, ensure_parent, is_url, open_store, path_exists,
     write_hdf5,
 )
 from kdcache.errors import KDCacheError
@@ -68,6 +68,10 @@ def convert(src_path: str, dest: str, compressor: str | None = None, overwrite: 
     backend = backend_for(dest)
     if dest.lower().endswith(".zip"):
         raise KDCacheError("to make a .zip, use 'kdcache pack'")
+    if is_url(dest):
+        raise KDCacheError(f"convert writes local files ({dest} is a URL): convert locally, then upload, "
+                           "or dump straight to a .zarr URL")
+    ensure_parent(dest)
     _refuse_existing(dest, overwrite)
     src = _open_complete(src_path)
     try:
@@ -93,7 +97,10 @@ def pack(src_path: str, dest: str, overwrite: bool = False) -> None:
     """One uncompressed zip of a complete Zarr cache (chunks are compressed already); zarr reads it in place."""
     if not dest.lower().endswith(".zip"):
         raise KDCacheError(f"pack writes a .zip file: name the output like {dest}.zip")
+    if is_url(dest):
+        raise KDCacheError(f"pack writes a local file ({dest} is a URL): pack locally, then upload it")
     _refuse_existing(dest, overwrite)
+    ensure_parent(dest)
     with tempfile.TemporaryDirectory(dir=os.path.dirname(os.path.abspath(dest))) as tmpdir:
         root = src_path
         if backend_for(src_path) != "zarr" or src_path.lower().endswith(".zip") or is_url(src_path):

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import contextlib
 import datetime
 import hashlib
-from dataclasses import dataclass, field
+from contextlib import ExitStack
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
@@ -18,13 +18,14 @@ from kdcache.cache.format import (
 )
 from kdcache.cache.lock import WriteLock
 from kdcache.cache.store import (
-    Store, backend_for, check_compressor, create_zarr, default_compressor, is_url, open_store, path_exists,
+    Store, backend_for, check_compressor, create_zarr, default_compressor, ensure_parent, is_url, open_store, path_exists,
     remove_tree, staging_path,
 )
 from kdcache.cache.writer import ChunkWriter, Rows
 from kdcache.data.datasets import SourceDataset, fingerprint, open_dataset
 from kdcache.data.views import AugmentSpec, Preprocess, identity_views, render, sample_views
 from kdcache.device import autocast, pick_device
+from kdcache.dist import init_from_env, shutdown
 from kdcache.errors import KDCacheError
 from kdcache.models import build_model, checkpoint_arch_args, load_weights
 from kdcache.progress import progress
@@ -77,18 +78,35 @@ def _chunk_batches(layout: Layout, chunks: list[int], batch_size: int) -> list[l
     return out
 
 
-def _prepare_target(cfg: DumpConfig, layout: Layout, attrs: dict, compressor: str) -> Store:
+def _attrs_of(path: str) -> dict:
+    """The kdcache attributes at `path`, or {} when it is not a readable cache."""
+    try:
+        store = open_store(path, "r")
+    except KDCacheError:
+        return {}
+    try:
+        return store.attrs
+    except Exception:  # a foreign store's attributes may not even be JSON
+        return {}
+    finally:
+        store.close()
+
+
+def _format_of(path: str) -> str | None:
+    return _attrs_of(path).get("format")
+
+
+def _prepare_target(cfg: DumpConfig, layout: Layout, attrs: dict, compressor: str) -> None:
     """Create, resume or refuse, by what is already at the output path. Never clobbers unasked."""
     final, stage = cfg.out, staging_path(cfg.out)
     if path_exists(final) and final != stage:  # a finished HDF5 file
         if not cfg.overwrite:
             raise KDCacheError(f"{final} already exists: pass --overwrite to replace it, or choose another --out")
+        if _format_of(final) != FORMAT_NAME:
+            raise KDCacheError(f"{final} exists and is not a kdcache cache: refusing to touch it; "
+                               "choose another --out")
     if path_exists(stage):
-        try:
-            existing = open_store(stage, "r+")
-            old = existing.attrs
-        except KDCacheError:
-            old = {}
+        old = _attrs_of(stage)
         if old.get("format") != FORMAT_NAME:
             raise KDCacheError(f"{stage} exists and is not a kdcache cache: refusing to touch it; choose another --out")
         if cfg.resume and old.get("status") == STATUS_PARTIAL:
@@ -98,7 +116,7 @@ def _prepare_target(cfg: DumpConfig, layout: Layout, attrs: dict, compressor: st
                         f"cannot resume {stage}: it was dumped with {key}={old['dump'].get(key)!r}, this command has "
                         f"{attrs['dump'].get(key)!r}; rerun the original command with --resume, or use --overwrite"
                     )
-            return existing
+            return
         if not cfg.overwrite:
             what = "is a complete cache" if old.get("status") != STATUS_PARTIAL else "holds a partial dump"
             hint = "--overwrite to replace it" if old.get("status") != STATUS_PARTIAL else \
@@ -108,7 +126,7 @@ def _prepare_target(cfg: DumpConfig, layout: Layout, attrs: dict, compressor: st
     if cfg.overwrite and final != stage and path_exists(final):
         remove_tree(final)
     # HDF5 output is staged uncompressed and compressed once, when it is converted at the end.
-    return create_zarr(stage, layout, "none" if backend_for(cfg.out) == "hdf5" else compressor, attrs)
+    create_zarr(stage, layout, "none" if backend_for(cfg.out) == "hdf5" else compressor, attrs)
 
 
 def _build_attrs(cfg: DumpConfig, ds: SourceDataset, layout: Layout, teacher_id: dict, pre: Preprocess,
@@ -177,23 +195,36 @@ def run_dump(cfg: DumpConfig) -> str:
     layout = Layout(n=len(ds), n_views=cfg.views, num_classes=num_classes, k=cfg.topk, value_dtype=cfg.dtype,
                     chunk_rows=min(cfg.chunk_rows or default_chunk_rows(cfg.topk or num_classes, cfg.views, cfg.dtype),
                                    len(ds)))
-    device = pick_device(cfg.device)
-    teacher, ident = _load_teacher(cfg, num_classes, pre.image_size, device)
-    fp = fingerprint(ds)
-    attrs = _build_attrs(cfg, ds, layout, ident, pre, aug, fp, compressor)
-    stage = staging_path(cfg.out)
     if cfg.out.lower().endswith(".zip"):
         raise KDCacheError(f"cannot dump into a .zip ({cfg.out}): dump to .zarr, then 'kdcache pack' it")
     if is_url(cfg.out) and backend != "zarr":
         raise KDCacheError(f"cannot write HDF5 at a URL ({cfg.out}): dump to a .zarr URL, or write HDF5 locally")
-    with WriteLock(cfg.out) if not is_url(cfg.out) else contextlib.nullcontext():
-        store = _prepare_target(cfg, layout, attrs, compressor)
-        done = np.asarray(store["done"][...], dtype=bool)
-        todo = [c for c in range(layout.n_chunks) if not done[c]]
-        _run_chunks(cfg, teacher, ds, layout, store, todo, pre, aug, device)
-        finalize.finalize(store, cfg.out, compressor)
-    if stage != cfg.out:
-        remove_tree(stage)
+    ensure_parent(cfg.out)
+    requested = pick_device(cfg.device)
+    d = init_from_env(requested.type == "cuda")
+    try:
+        device = d.device(requested)
+        teacher, ident = _load_teacher(cfg, num_classes, pre.image_size, device)
+        attrs = _build_attrs(cfg, ds, layout, ident, pre, aug, fingerprint(ds), compressor)
+        with ExitStack() as stack:
+            def prepare() -> None:
+                if not is_url(cfg.out):  # rank 0 holds the lock for the whole job
+                    stack.enter_context(WriteLock(cfg.out))
+                _prepare_target(cfg, layout, attrs, compressor)
+
+            d.on_main(prepare)
+            store = open_store(staging_path(cfg.out), "r+")
+            done = np.asarray(store["done"][...], dtype=bool)
+            # Each rank takes every world_size-th unfinished chunk: resumable whatever the earlier world size.
+            todo = [c for c in range(layout.n_chunks) if not done[c]][d.rank::d.world_size]
+            _run_chunks(replace(cfg, progress=cfg.progress and d.main), teacher, ds, layout, store, todo, pre, aug,
+                        device)
+            d.barrier()
+            d.on_main(lambda: finalize.finalize(store, cfg.out, compressor))
+        if staging_path(cfg.out) != cfg.out:
+            d.on_main(lambda: remove_tree(staging_path(cfg.out)))
+    finally:
+        shutdown(d)
     return cfg.out
 
 

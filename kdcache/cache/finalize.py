@@ -66,6 +66,7 @@ def finalize(store: Store, out: str, compressor: str) -> None:
     attrs = store.attrs
     attrs["stats"] = cache_stats(store, layout)
     attrs["status"] = STATUS_COMPLETE
+    attrs["compressor"] = compressor
     if backend_for(out) == "zarr":
         store.set_attrs(attrs)
         return

@@ -17,16 +17,23 @@ class WriteLock:
         self._fd: int | None = None
 
     def __enter__(self) -> "WriteLock":
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.read(fd, 64).decode(errors="replace").strip() or "another process"
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.read(fd, 64).decode(errors="replace").strip() or "another process"
+                os.close(fd)
+                raise KDCacheError(
+                    f"another dump is writing {self.path[:-5]} (pid {holder}): wait for it to finish, "
+                    "or write to another --out"
+                ) from None
+            try:  # the holder before us may have unlinked this file: then lock the new one instead
+                if os.fstat(fd).st_ino == os.stat(self.path).st_ino:
+                    break
+            except FileNotFoundError:
+                pass
             os.close(fd)
-            raise KDCacheError(
-                f"another dump is writing {self.path[:-5]} (pid {holder}): wait for it to finish, "
-                "or write to another --out"
-            ) from None
         os.ftruncate(fd, 0)
         os.write(fd, str(os.getpid()).encode())
         self._fd = fd

@@ -20,7 +20,9 @@ from kdcache import __version__
 from kdcache.cache import finalize
 from kdcache.cache.format import FORMAT_NAME, FORMAT_VERSION, STATUS_PARTIAL, Layout, default_chunk_rows
 from kdcache.cache.reader import Cache, CacheBatch, open_cache
-from kdcache.cache.store import backend_for, create_zarr, default_compressor, path_exists, remove_tree
+from kdcache.cache.store import (
+    backend_for, create_zarr, default_compressor, ensure_parent, is_url, path_exists, remove_tree,
+)
 from kdcache.cache.writer import ChunkWriter, Rows
 from kdcache.errors import KDCacheError
 
@@ -97,6 +99,9 @@ def merge(paths: list[str], out: str, mode: str = "mean-prob", temperature: floa
         raise KDCacheError(f"--weights needs {len(paths)} non-negative numbers, one per cache")
     weights = [w / sum(weights) for w in weights]
     backend = backend_for(out)
+    if is_url(out) and backend != "zarr":
+        raise KDCacheError(f"cannot write HDF5 at a URL ({out}): merge to a .zarr, or write HDF5 locally")
+    ensure_parent(out)
     if path_exists(out) and not overwrite:
         raise KDCacheError(f"{out} already exists: pass --overwrite to replace it, or choose another --out")
     with ExitStack() as stack:

@@ -163,13 +163,12 @@ class Cache:
     def _gather(self, idx: np.ndarray, view: int) -> dict[str, np.ndarray]:
         rows = self.layout.chunk_rows
         chunk_ids = idx // rows
-        out: dict[str, np.ndarray] = {}
+        shapes = self.layout.arrays()
+        out = {n: np.empty((len(idx), *shapes[n][0][2:]), dtype=shapes[n][1]) for n in PER_VIEW if n in shapes}
         for c in np.unique(chunk_ids):
             sel = np.nonzero(chunk_ids == c)[0]
             arrays = self._chunk(int(c), view)
             for n, a in arrays.items():
-                if n not in out:
-                    out[n] = np.empty((len(idx), *a.shape[1:]), dtype=a.dtype)
                 out[n][sel] = a[idx[sel] - c * rows]
         return out
 

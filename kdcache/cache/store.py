@@ -43,7 +43,15 @@ def path_exists(path: str) -> bool:
     import fsspec
 
     fs, p = fsspec.core.url_to_fs(path)
-    return fs.exists(p)
+    # Static hosts answer 404 for a directory URL: a Zarr group is there when its zarr.json is.
+    zarr_dir = backend_for(path) == "zarr" and not path.lower().endswith(".zip")
+    return fs.exists(p) or (zarr_dir and fs.exists(p.rstrip("/") + "/zarr.json"))
+
+
+def ensure_parent(path: str) -> None:
+    """Create the local directory an output goes into (URLs need none)."""
+    if not is_url(path):
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
 
 
 def remove_tree(path: str) -> None:
@@ -97,8 +105,9 @@ def check_compressor(backend: str, name: str) -> None:
 class Store:
     """A cache's arrays and its `kdcache` attribute dict, on either backend."""
 
-    def __init__(self, path: str, backend: str, handle: Any) -> None:
-        self.path, self.backend, self._h = path, backend, handle
+    def __init__(self, path: str, backend: str, handle: Any, file: Any = None) -> None:
+        self.path, self.backend, self._h, self._file = path, backend, handle, file
+        self._arrays: dict[str, Any] = {}
 
     @property
     def attrs(self) -> dict:
@@ -114,14 +123,24 @@ class Store:
             self._h.attrs[ATTR_KEY] = json.dumps(attrs)
 
     def __getitem__(self, name: str) -> Any:
-        return self._h[name]
+        """The array handle, looked up once (each lookup is a metadata request on remote stores)."""
+        if name not in self._arrays:
+            self._arrays[name] = self._h[name]
+        return self._arrays[name]
 
     def __contains__(self, name: str) -> bool:
-        return name in self._h
+        if name not in self._arrays:
+            try:
+                self[name]
+            except KeyError:
+                return False
+        return True
 
     def close(self) -> None:
         if self.backend == "hdf5":
             self._h.close()
+        if self._file is not None:
+            self._file.close()
 
 
 def _open_handle(path: str, backend: str, mode: str) -> Any:
@@ -144,7 +163,8 @@ def _open_handle(path: str, backend: str, mode: str) -> Any:
 
         if mode != "r":
             raise KDCacheError(f"cannot write HDF5 at a URL ({path}): write it locally, or dump to a .zarr URL")
-        return h5py.File(fsspec.open(path, "rb").open(), "r", rdcc_nbytes=H5_CHUNK_CACHE_BYTES)
+        f = fsspec.open(path, "rb").open()
+        return h5py.File(f, "r", rdcc_nbytes=H5_CHUNK_CACHE_BYTES), f
     return h5py.File(path, mode, rdcc_nbytes=H5_CHUNK_CACHE_BYTES)
 
 
@@ -153,8 +173,9 @@ def open_store(path: str, mode: str = "r") -> Store:
     backend = backend_for(path)
     try:
         if not path_exists(path):
-            raise KDCacheError(f"no cache at {path}: check the path, or create one with 'kdcache dump --out {path}'")
-        return Store(path, backend, _open_handle(path, backend, mode))
+            raise KDCacheError(f"no cache at {path}: check the path (create a cache with 'kdcache dump --out PATH')")
+        handle = _open_handle(path, backend, mode)
+        return Store(path, backend, *(handle if isinstance(handle, tuple) else (handle,)))
     except KDCacheError:
         raise
     except Exception as e:  # the libraries raise many types for a damaged or unreachable store

@@ -4,16 +4,18 @@ from __future__ import annotations
 
 import math
 import time
-from contextlib import ExitStack
+from contextlib import ExitStack, nullcontext
 from dataclasses import asdict, dataclass, field, replace
 
 import torch
+from torch.nn.parallel import DistributedDataParallel as DDP
 
 from kdcache.cache.dump import default_image_size
 from kdcache.cache.reader import Cache, open_cache
 from kdcache.data.datasets import open_dataset
 from kdcache.data.views import AugmentSpec, Preprocess, render
 from kdcache.device import amp_dtype, autocast, pick_device
+from kdcache.dist import Dist, init_from_env, shutdown
 from kdcache.errors import KDCacheError
 from kdcache.models import build_model, has_distill_heads, param_count
 from kdcache.progress import progress
@@ -61,7 +63,7 @@ class TrainConfig:
 def _open_caches(cfg: TrainConfig, stack: ExitStack) -> list[Cache]:
     caches = [stack.enter_context(open_cache(p, require_complete=False)) for p in cfg.caches]
     for c in caches:
-        if c.decoded_bytes() <= cfg.cache_ram:
+        if c.complete and c.decoded_bytes() <= cfg.cache_ram:  # a partial one is refused by check_alignment
             c.load()
     return caches
 
@@ -106,11 +108,77 @@ def _student(cfg: TrainConfig, num_classes: int, image_size: int, n_teachers: in
     return build_model(cfg.student, num_classes=num_classes, image_size=image_size, **kwargs)
 
 
+class HeadsView(torch.nn.Module):
+    """The student as (B, H, C) logits of all its heads, so DDP wraps exactly the call training makes."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model.forward_heads(x) if has_distill_heads(self.model) else self.model(x)[:, None]
+
+
+@dataclass
+class _Step:
+    """What one optimisation step needs, built once per run."""
+
+    net: torch.nn.Module
+    objective: Objective
+    opt: torch.optim.Optimizer
+    sched: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler
+    pre: Preprocess
+    device: torch.device
+    clip: float
+    gen: torch.Generator
+
+
+def _train_epoch(s: _Step, loader: PairedLoader, epoch: int, bar_total: int, label: str, show: bool,
+                 d: Dist) -> tuple[float, int]:
+    """One pass over this rank's batches; returns (sum of loss × batch size, samples) over all ranks."""
+    s.net.train()
+    loss_sum = torch.zeros((), device=s.device)
+    seen = 0
+    join = s.net.join() if isinstance(s.net, DDP) else nullcontext()
+    with progress(bar_total, label, enable=show) as bar, join:
+        for batch in loader.epoch(epoch):
+            x = render(batch.images, batch.views, s.pre)
+            if s.device.type == "cuda":
+                x = x.contiguous(memory_format=torch.channels_last)
+            with autocast(s.device):
+                heads = s.net(x)
+            loss = s.objective(heads.float(), batch.labels, batch.targets, s.gen)
+            s.opt.zero_grad(set_to_none=True)
+            s.scaler.scale(loss).backward()
+            if s.clip > 0:
+                s.scaler.unscale_(s.opt)
+                torch.nn.utils.clip_grad_norm_(s.net.parameters(), s.clip)
+            s.scaler.step(s.opt)
+            s.scaler.update()
+            s.sched.step()
+            n = len(batch.labels)
+            loss_sum += loss.detach() * n  # stays on the device: no sync per step
+            seen += n
+            bar.update(n)
+    total, count = d.all_sum([float(loss_sum), float(seen)])
+    return total, int(count)
+
+
 def run_train(cfg: TrainConfig) -> dict:
-    """Train as `cfg` says; returns the final metrics (also written to OUT/metrics.json)."""
+    """Train as `cfg` says (one process, or DDP under torchrun); returns the final metrics (OUT/metrics.json)."""
     torch.manual_seed(cfg.seed)
-    device = pick_device(cfg.device)
-    run = RunDir(cfg.out, resume=cfg.resume, overwrite=cfg.overwrite)
+    requested = pick_device(cfg.device)
+    d = init_from_env(requested.type == "cuda")
+    try:
+        return _run(cfg, d, d.device(requested))
+    finally:
+        shutdown(d)
+
+
+def _run(cfg: TrainConfig, d: Dist, device: torch.device) -> dict:
+    run = RunDir(cfg.out, resume=cfg.resume, overwrite=cfg.overwrite, writer=d.main)
+    d.barrier()
     with ExitStack() as stack:
         caches = _open_caches(cfg, stack)
         spec, image_size = _dataset_spec(cfg, caches)
@@ -127,37 +195,24 @@ def run_train(cfg: TrainConfig) -> dict:
             model = model.to(memory_format=torch.channels_last)
         augment = AugmentSpec.parse(cfg.augment) if cfg.augment != "none" else None
         loader = PairedLoader(train_ds, caches, cfg.batch_size, cfg.seed, cfg.num_workers, device,
-                              augment=augment)
+                              augment=augment, rank=d.rank, world_size=d.world_size)
         opt, sched = _optimizer(cfg, model, cfg.epochs * len(loader))
         scaler = torch.amp.GradScaler(enabled=amp_dtype(device) == torch.float16)
         start, best = run.restore(model, opt, sched, scaler)
-        meta = {"student": cfg.student, "student_args": dict(cfg.student_args), "num_classes": train_ds.info.num_classes, "image_size": pre.image_size,
-                "params": param_count(model), "dataset": spec,
+        net: torch.nn.Module = HeadsView(model)
+        if d.active:
+            net = DDP(net, device_ids=[device.index] if device.type == "cuda" else None)
+        step = _Step(net, objective, opt, sched, scaler, pre, device, cfg.clip,
+                     torch.Generator(device=device).manual_seed(cfg.seed + d.rank))
+        meta = {"student": cfg.student, "student_args": dict(cfg.student_args),
+                "num_classes": train_ds.info.num_classes, "image_size": pre.image_size,
+                "params": param_count(model), "dataset": spec, "world_size": d.world_size,
                 "teachers": [{"cache": c.path, **c.attrs["teacher"]} for c in caches]}
-        gen = torch.Generator(device=device).manual_seed(cfg.seed)
         t0 = time.perf_counter()
         for epoch in range(start, cfg.epochs):
-            model.train()
-            t_epoch, seen, loss_sum = time.perf_counter(), 0, 0.0
-            with progress(len(train_ds), f"epoch {epoch + 1}/{cfg.epochs}", enable=cfg.progress) as bar:
-                for batch in loader.epoch(epoch):
-                    x = render(batch.images, batch.views, pre)
-                    if device.type == "cuda":
-                        x = x.contiguous(memory_format=torch.channels_last)
-                    with autocast(device):
-                        heads = model.forward_heads(x) if has_distill_heads(model) else model(x)[:, None]
-                    loss = objective(heads.float(), batch.labels, batch.targets, gen)
-                    opt.zero_grad(set_to_none=True)
-                    scaler.scale(loss).backward()
-                    if cfg.clip > 0:
-                        scaler.unscale_(opt)
-                        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip)
-                    scaler.step(opt)
-                    scaler.update()
-                    sched.step()
-                    n = len(batch.labels)
-                    seen, loss_sum = seen + n, loss_sum + float(loss.detach()) * n
-                    bar.update(n)
+            t_epoch = time.perf_counter()
+            loss_sum, seen = _train_epoch(step, loader, epoch, len(train_ds) // d.world_size,
+                                          f"epoch {epoch + 1}/{cfg.epochs}", cfg.progress and d.main, d)
             train_time = time.perf_counter() - t_epoch
             ev = evaluate(model, test_ds, pre, device, test_cache)
             row = {"epoch": epoch + 1, "train_loss": loss_sum / max(seen, 1), "test_top1": ev["top1"],
@@ -165,6 +220,5 @@ def run_train(cfg: TrainConfig) -> dict:
                    "lr": sched.get_last_lr()[0], "train_seconds": train_time,
                    "samples_per_s": seen / max(train_time, 1e-9)}
             best = run.end_epoch(row, ev, model, opt, sched, scaler, meta, best, cfg.plots)
-        result = run.finish(meta, asdict(replace(cfg, objective=objective)) | {"objective": asdict(objective)},
-                            wall_seconds=time.perf_counter() - t0)
-    return result
+        config = asdict(replace(cfg, objective=objective))
+        return run.finish(meta, config, wall_seconds=time.perf_counter() - t0)

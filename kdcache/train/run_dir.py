@@ -24,12 +24,17 @@ def _atomic_save(obj: dict, path: str) -> None:
 class RunDir:
     """Owns OUT/: refuses to clobber an earlier run unless told (--resume or --overwrite)."""
 
-    def __init__(self, path: str, resume: bool, overwrite: bool) -> None:
+    def __init__(self, path: str, resume: bool, overwrite: bool, writer: bool = True) -> None:
+        """`writer` is False on non-zero ranks: they read `last` to resume but write nothing."""
+        self.writer = writer
         if resume and overwrite:
             raise KDCacheError("--resume and --overwrite contradict each other: pass one of them")
         self.path, self.resume = path, resume
         self.last, self.best = os.path.join(path, "last.pt"), os.path.join(path, "best.pt")
         self.log_path = os.path.join(path, "log.csv")
+        self.rows: list[dict] = []
+        if not writer:
+            return
         if os.path.exists(self.last) and not resume:
             if not overwrite:
                 raise KDCacheError(f"{path} already holds a training run: pass --resume to continue it, "
@@ -38,7 +43,6 @@ class RunDir:
         if resume and not os.path.exists(self.last):
             raise KDCacheError(f"nothing to resume in {path} (no last.pt): drop --resume to start a new run")
         os.makedirs(path, exist_ok=True)
-        self.rows: list[dict] = []
 
     def restore(self, model: torch.nn.Module, opt: torch.optim.Optimizer, sched: object,
                 scaler: torch.amp.GradScaler) -> tuple[int, float]:
@@ -58,6 +62,8 @@ class RunDir:
                   scaler: torch.amp.GradScaler, meta: dict, best: float, plots: bool) -> float:
         """Log the epoch, save `last` (and `best` when top-1 improved), redraw plots; returns the best top-1."""
         self.rows.append(row)
+        if not self.writer:
+            return max(best, row["test_top1"])
         with open(self.log_path, "w", newline="") as f:
             w = csv.DictWriter(f, fieldnames=LOG_FIELDS)
             w.writeheader()
@@ -67,10 +73,8 @@ class RunDir:
         if row["test_top1"] > best:
             best = row["test_top1"]
             _atomic_save(state, self.best)
-            self.best_eval = ev
         _atomic_save(state | {"optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
                               "scaler": scaler.state_dict(), "best_top1": best}, self.last)
-        self.last_eval = ev
         if plots:
             from kdcache.train.plots import plot_curves, plot_reliability
 
@@ -87,6 +91,8 @@ class RunDir:
         best = max(self.rows, key=lambda r: r["test_top1"])
         result = {**meta, "final": self.rows[-1], "best": best, "history": self.rows,
                   "wall_seconds": wall_seconds, "config": config}
+        if not self.writer:
+            return result
         with open(os.path.join(self.path, "metrics.json"), "w") as f:
             json.dump(result, f, indent=2, default=str)
         return result
