@@ -102,7 +102,7 @@ def main() -> None:
                 f"{np.mean([i['decoded_bytes'] for i in infos]) / n:.0f}"]
 
     rows = [["labels only (no cache)", "—", pm(r["test_top1"] for r in res["labels only"]),
-             pm((r["test_nll"] for r in res["labels only"]), 1, 3), "—", "—", "—", "—", "—"]]
+             pm((r["test_nll"] for r in res["labels only"]), 1, 3), "—", "—", "—", "—"]]
     for c in conds:
         key = "full" if c == "full" else c.split()[0][4:]
         mode = "tail" if c == "full" else c.split()[1]
@@ -117,7 +117,7 @@ def main() -> None:
     mrows = [[f"top-{k}", pm(i["topk_mass"] for i in caches_info[str(k)]),
               pm(i["topk_mass_T"] for i in caches_info[str(k)])] for k in KS]
     e.table("Teacher probability mass kept by top-k (mean over samples and views)",
-            md_table(["cache", "mass at T=1 (`kdcache info`)", f"mass at T={T:g}"], mrows))
+            md_table(["cache", "mass % at T=1 (`kdcache info`)", f"mass % at T={T:g}"], mrows))
     _plot(res, caches_info)
     e.finish()
 

@@ -78,8 +78,6 @@ def test_foreign_directory_is_never_touched(cli, dump_args, tree_hash, tmp_path,
     assert not os.path.exists(str(out) + ".lock")
 
 
-@pytest.mark.xfail(strict=True, reason="kdcache bug: with --overwrite, dump.py _prepare_target deletes any existing "
-                   "file at an .h5 --out without checking that it is a kdcache cache; remove this mark once fixed")
 def test_foreign_hdf5_file_is_never_touched(cli, dump_args, tree_hash, tmp_path):
     import h5py
 
@@ -184,9 +182,6 @@ def test_interrupted_hdf5_dump_resumes(cli, dump_args, dump_cache, read_plain, t
         np.testing.assert_array_equal(arrays[name], a, err_msg=name)
 
 
-@pytest.mark.xfail(strict=True, reason="kdcache bug: an HDF5 dump resumed with another --compressor is converted "
-                   "with the new one while attrs['compressor'] keeps the old name (dump.py run_dump / finalize.py); "
-                   "remove this mark once fixed")
 def test_resume_with_another_compressor_keeps_attrs_true(cli, dump_args, tmp_path, monkeypatch):
     import h5py
 

@@ -66,8 +66,6 @@ def test_read_matches_plain_indexing(dump_cache, read_plain, topk_cache, kind):
             cache.read([0], view=1)
 
 
-@pytest.mark.xfail(strict=True, reason="kdcache bug: Cache._gather returns {} for an empty index list, so "
-                   "read([]) raises KeyError('values') when streaming (reader.py); remove this mark once fixed")
 def test_read_empty_batch(topk_cache):
     with open_cache(topk_cache) as cache:
         b = cache.read(np.zeros(0, dtype=np.int64))

@@ -290,8 +290,6 @@ def test_http_info_verify_train_and_pack(work, cache, record_property, capsys):
     assert a[1] == b[1]
 
 
-@pytest.mark.xfail(strict=True, reason="kdcache bug: path_exists() probes the .zarr *directory* URL, which static "
-                   "hosts without directory listings answer 404, so a servable Zarr cache is reported missing")
 def test_http_zarr_without_directory_listing(work, cache):
     """Static hosts (CDNs, object-store websites, nginx without autoindex) 404 directory URLs; zarr.json is there."""
     served = work / "www-nolist"
@@ -386,8 +384,6 @@ def test_s3_refusals_are_clean(s3, teacher):
     assert "no cache at s3://bucket/missing.zarr" in line
 
 
-@pytest.mark.xfail(strict=True, reason="kdcache bug: convert() writes DEST.tmp through fsspec but then moves it with "
-                   "os.path/os.replace, so a URL destination dies with a raw FileNotFoundError")
 def test_convert_to_s3_url_works_or_refuses_cleanly(s3, cache):
     r = kd("convert", cache("c.zarr"), "s3://bucket/converted.zarr")
     if r.exit_code == 0:
@@ -398,9 +394,6 @@ def test_convert_to_s3_url_works_or_refuses_cleanly(s3, cache):
         assert not s3.exists("bucket/converted.zarr.tmp"), "a failed convert left its temporary behind"
 
 
-@pytest.mark.xfail(strict=True, reason="kdcache bug: kdtrain loads a cache that fits --cache-ram (Cache.load) before "
-                   "check_alignment looks at its status, so a partial cache is reported as corrupt (checksum) instead "
-                   "of partial with the --resume hint")
 def test_kdtrain_on_partial_cache_says_partial_with_default_cache_ram(work, cache):
     part = str(work / "partial-for-train.zarr")
     shutil.copytree(cache("c.zarr"), part)
@@ -409,8 +402,6 @@ def test_kdtrain_on_partial_cache_says_partial_with_default_cache_ram(work, cach
     assert "partial cache" in line and "--resume" in line, line
 
 
-@pytest.mark.xfail(strict=True, reason="kdcache bug: an output in a missing directory dies with a raw "
-                   "FileNotFoundError (dump: WriteLock's os.open; convert: the .tmp beside DEST), not a clean error")
 @pytest.mark.parametrize("command", ["dump", "convert"])
 def test_output_in_missing_directory_works_or_fails_cleanly(work, cache, teacher, command):
     out = work / f"missing-dir-{command}" / ("x.zarr" if command == "dump" else "x.h5")
