@@ -174,6 +174,8 @@ def _bytes(text: str) -> int:
 @click.option("--clip", type=float, default=1.0, show_default=True, help="Gradient-norm clip; 0 = off.")
 @click.option("--augment", default="none", show_default=True, help="Augmentation when no multi-view cache "
               "supplies views, e.g. 'translate(0.1)'.")
+@click.option("--mixup", type=float, default=0.0, show_default=True, help="Mixup Beta(a, a) on the student's "
+              "input; soft targets are mixed with the same λ (0 = off).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--device", default="auto", show_default=True)
 @click.option("--num-workers", type=int, default=0, show_default=True)

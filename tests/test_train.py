@@ -203,3 +203,26 @@ def test_kdtrain_refuses_a_partial_cache(cache_dir, tmp_path):
     g.attrs["kdcache"] = attrs
     msg = _error(kdtrain_main, ["--cache", str(p), "--out", str(tmp_path / "r"), *FAST])
     assert "partial" in msg and "--resume" in msg
+
+
+def test_mixup_loss_trains_toward_the_mixed_soft_targets():
+    from kdcache.train.objective import Objective, mixup_loss
+
+    torch.manual_seed(0)
+    s = torch.randn(6, 5, requires_grad=True)
+    t = losses.SoftTarget(logits=torch.randn(6, 5) * 3, num_classes=5)
+    perm, lam, T = torch.tensor([3, 0, 5, 1, 2, 4]), 0.3, 2.0
+    obj = Objective("kd", alpha=0.0, temperature=T).resolve(1)
+    mixup_loss(obj, s[:, None], torch.full((6,), -1), [t], perm, lam).backward()
+    p = (t.logits / T).softmax(-1)
+    mixed = lam * p + (1 - lam) * p[perm]
+    q = (s.detach() / T).softmax(-1)
+    # d/ds of T²·batch-mean CE(mixed, softmax(s/T)) = T·(q − mixed)/B
+    torch.testing.assert_close(s.grad, T * (q - mixed) / 6, atol=1e-6, rtol=1e-5)
+
+
+def test_mixup_run(cache_dir, tmp_path):
+    out = tmp_path / "r"
+    _run(kdtrain_main, ["--cache", str(cache_dir / "train-top3.zarr"), "--student", "mlp", "--student-arg",
+                        "hidden=(32,)", "--mixup", "0.4", "--epochs", "1", "--out", str(out), *FAST])
+    assert json.load(open(out / "metrics.json"))["config"]["mixup"] == 0.4

@@ -7,6 +7,7 @@ import time
 from contextlib import ExitStack, nullcontext
 from dataclasses import asdict, dataclass, field, replace
 
+import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -22,7 +23,7 @@ from kdcache.progress import progress
 from kdcache.train.align import check_alignment
 from kdcache.train.data import PairedLoader
 from kdcache.train.eval import evaluate
-from kdcache.train.objective import Objective
+from kdcache.train.objective import Objective, mixup_loss
 from kdcache.train.run_dir import RunDir
 
 
@@ -48,6 +49,7 @@ class TrainConfig:
     warmup_epochs: float = 1.0
     clip: float = 1.0
     augment: str = "none"
+    mixup: float = 0.0
     seed: int = 0
     device: str = "auto"
     num_workers: int = 0
@@ -132,6 +134,8 @@ class _Step:
     device: torch.device
     clip: float
     gen: torch.Generator
+    mixup: float = 0.0
+    rng: np.random.Generator | None = None
 
 
 def _train_epoch(s: _Step, loader: PairedLoader, epoch: int, bar_total: int, label: str, show: bool,
@@ -146,9 +150,16 @@ def _train_epoch(s: _Step, loader: PairedLoader, epoch: int, bar_total: int, lab
             x = render(batch.images, batch.views, s.pre)
             if s.device.type == "cuda":
                 x = x.contiguous(memory_format=torch.channels_last)
+            if s.mixup > 0:
+                lam = float(s.rng.beta(s.mixup, s.mixup))
+                perm = torch.randperm(len(x), generator=s.gen, device=s.gen.device).to(x.device)
+                x = lam * x + (1 - lam) * x[perm]
             with autocast(s.device):
-                heads = s.net(x)
-            loss = s.objective(heads.float(), batch.labels, batch.targets, s.gen)
+                heads = s.net(x).float()
+            if s.mixup > 0:
+                loss = mixup_loss(s.objective, heads, batch.labels, batch.targets, perm, lam, s.gen)
+            else:
+                loss = s.objective(heads, batch.labels, batch.targets, s.gen)
             s.opt.zero_grad(set_to_none=True)
             s.scaler.scale(loss).backward()
             if s.clip > 0:
@@ -203,7 +214,8 @@ def _run(cfg: TrainConfig, d: Dist, device: torch.device) -> dict:
         if d.active:
             net = DDP(net, device_ids=[device.index] if device.type == "cuda" else None)
         step = _Step(net, objective, opt, sched, scaler, pre, device, cfg.clip,
-                     torch.Generator(device=device).manual_seed(cfg.seed + d.rank))
+                     torch.Generator(device=device).manual_seed(cfg.seed + d.rank), cfg.mixup,
+                     np.random.default_rng([cfg.seed, d.rank]))
         meta = {"student": cfg.student, "student_args": dict(cfg.student_args),
                 "num_classes": train_ds.info.num_classes, "image_size": pre.image_size,
                 "params": param_count(model), "dataset": spec, "world_size": d.world_size,

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 
 import torch
 from torch import Tensor
@@ -62,3 +62,21 @@ class Objective:
         taus = self.taus or tuple(self.temperature for _ in targets)
         return losses.multi_teacher([cls, *per_teacher] if heads.shape[1] > 1 else [cls], y, targets,
                                     lambdas, taus, self.alpha, self.topk_mode)
+
+
+def permute_target(t: SoftTarget, perm: Tensor) -> SoftTarget:
+    """The same soft targets in another sample order (for mixup partners)."""
+    return replace(t, **{f.name: getattr(t, f.name)[perm] for f in fields(t)
+                         if isinstance(getattr(t, f.name), Tensor)})
+
+
+def mixup_loss(objective: Objective, heads: Tensor, y: Tensor, targets: list[SoftTarget], perm: Tensor,
+               lam: float, generator: torch.Generator | None = None) -> Tensor:
+    """Loss on a mixup batch x̃ = λ·x + (1−λ)·x[perm]: λ·L(targets) + (1−λ)·L(partners' targets).
+
+    For every cross-entropy/KL term this equals the loss against the λ-mixture of the two teacher
+    distributions (up to a constant), i.e. the stored soft targets mixed with the same λ. It is an
+    approximation of what the teacher would say about x̃ itself, which the cache never saw.
+    """
+    partner = [permute_target(t, perm) for t in targets]
+    return lam * objective(heads, y, targets, generator) + (1 - lam) * objective(heads, y[perm], partner, generator)
