@@ -338,9 +338,9 @@ def scenarios(work):
                                       marker=str(work / "kill-ro.marker"), args=args)
         specs.append({"point": "ro", "marker": sc.marker, "args": args, "uid": NOBODY})
     spec.write_text(json.dumps(specs))
-    server_log = open(work / "killserver.log", "w")
-    server = subprocess.Popen([sys.executable, str(work / "killserver.py"), str(spec)], cwd=work, env=env,
-                              stdout=server_log, stderr=subprocess.STDOUT)
+    with open(work / "killserver.log", "w") as server_log:  # the server keeps its own copy of the descriptor
+        server = subprocess.Popen([sys.executable, str(work / "killserver.py"), str(spec)], cwd=work, env=env,
+                                  stdout=server_log, stderr=subprocess.STDOUT)
     pids = Path(str(spec) + ".pids")
     try:
         _wait_until(lambda: pids.exists() or server.poll() is not None, "kill scenarios started")
@@ -357,7 +357,6 @@ def scenarios(work):
                 except ProcessLookupError:
                     pass
         server.wait(timeout=60)
-        server_log.close()
         if public is not None:
             shutil.rmtree(public, ignore_errors=True)
 

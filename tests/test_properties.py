@@ -11,6 +11,7 @@ verify() must find no problem.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import os
 import shutil
 import tempfile
@@ -22,7 +23,12 @@ from hypothesis import strategies as st
 
 from kdcache.cache import finalize
 from kdcache.cache.format import (
-    FORMAT_NAME, FORMAT_VERSION, REQUIRED_ATTRS, STATUS_PARTIAL, VIEW_FIELDS, Layout,
+    FORMAT_NAME,
+    FORMAT_VERSION,
+    REQUIRED_ATTRS,
+    STATUS_PARTIAL,
+    VIEW_FIELDS,
+    Layout,
 )
 from kdcache.cache.reader import open_cache
 from kdcache.cache.store import create_zarr, staging_path
@@ -93,7 +99,7 @@ def _pieces(rng: np.random.Generator, lay: Layout) -> list[tuple[int, int]]:
         cuts = sorted(set(rng.integers(sl.start + 1, sl.stop, rng.integers(0, 4)).tolist())) if sl.stop - sl.start > 1 \
             else []
         edges = [sl.start, *cuts, sl.stop]
-        out += list(zip(edges[:-1], edges[1:]))
+        out += list(itertools.pairwise(edges))
     rng.shuffle(out)
     return out
 

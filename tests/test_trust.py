@@ -117,7 +117,7 @@ def test_hostile_attribute_strings_are_only_data(made, tmp_path, monkeypatch, ba
     assert r.exit_code == 0, r.output
     for s in (PY, TEMPLATE, SHELL + " " + YAML, "7*7"):
         assert s in r.stdout, s
-    classes = [ln for ln in r.stdout.splitlines() if ln.strip().startswith("classes:")][0]
+    classes = next(ln for ln in r.stdout.splitlines() if ln.strip().startswith("classes:"))
     assert ", ".join(HOSTILE) in classes
 
     r = _cli(kdcache_main, ["info", path, "--json"])
@@ -200,8 +200,8 @@ def test_cache_attributes_cannot_make_kdtrain_import_code(made, tmp_path, monkey
     g = zarr.open_group(path, mode="r+")
     a = dict(g.attrs["kdcache"])
     g.attrs["kdcache"] = a | {"dataset": dict(a["dataset"], spec="kdt_trust_factory:digits")}
-    _cli(kdtrain_main, ["--cache", path, "--student", "mlp", "--epochs", 1, "--quiet", "--no-plots", "--device",
-                        "cpu", "--out", tmp_path / "run"])
+    _cli(kdtrain_main, ["--cache", path, "--student", "mlp", "--student-arg", "hidden=(8,)", "--epochs", 1,
+                        "--batch-size", 512, "--quiet", "--no-plots", "--device", "cpu", "--out", tmp_path / "run"])
     _no_pwned(tmp_path)
 
 

@@ -374,25 +374,25 @@ def test_impossible_layout_attributes_are_one_clean_line(sound, tmp_path, change
 VERIFY_BUGS = {
     "attr-n-not-a-number": (
         lambda p: _zarr_attrs(p, _set(n="abc")), r"attributes: n should be int, found str",
-        "kdcache bug: verify.py verify() calls Layout.from_attrs (format.py, int(a['n'])) even when _schema found "
-        "a mistyped field, so n='abc' raises ValueError with a traceback"),
+        ("kdcache bug: verify.py verify() calls Layout.from_attrs (format.py, int(a['n'])) even when _schema found "
+        "a mistyped field, so n='abc' raises ValueError with a traceback")),
     "attr-dataset-not-a-dict": (
         lambda p: _zarr_attrs(p, _set(dataset="digits")), r"attributes: dataset should be dict, found str",
-        "kdcache bug: verify.py line ~101 calls attrs['dataset'].get(...) after _schema reported dataset is not a "
-        "dict: AttributeError traceback"),
+        ("kdcache bug: verify.py line ~101 calls attrs['dataset'].get(...) after _schema reported dataset is not a "
+        "dict: AttributeError traceback")),
     "attrs-not-json": (
         lambda p: zarr.open_group(p, mode="r+").attrs.__setitem__("kdcache", "{garbage"), r"kdcache",
-        "kdcache bug: store.py Store.attrs json.loads()s a string-valued 'kdcache' attribute without catching "
-        "ValueError, so a damaged attribute is a JSONDecodeError traceback (verify, info, dump, kdtrain)"),
+        ("kdcache bug: store.py Store.attrs json.loads()s a string-valued 'kdcache' attribute without catching "
+        "ValueError, so a damaged attribute is a JSONDecodeError traceback (verify, info, dump, kdtrain)")),
     "values-array-metadata-deleted": (
         lambda p: os.remove(os.path.join(p, "values", "zarr.json")), r"values: array missing",
-        "kdcache bug: verify.py _chunk reads rows['values'] whenever 'indices' is present; with the values array "
+        ("kdcache bug: verify.py _chunk reads rows['values'] whenever 'indices' is present; with the values array "
         "gone (top-k cache) that is a KeyError traceback: verify() should skip chunk checks when any per-view "
-        "array is missing or mis-shaped"),
+        "array is missing or mis-shaped")),
     "array-metadata-garbage": (
         lambda p: Path(p, "tail", "zarr.json").write_text("{not json"), r"tail",
-        "kdcache bug: verify.py _arrays does `name in store` / store[name] unguarded; a damaged array zarr.json "
-        "raises zarr's JSONDecodeError with a traceback instead of a 'tail: cannot be opened' problem"),
+        ("kdcache bug: verify.py _arrays does `name in store` / store[name] unguarded; a damaged array zarr.json "
+        "raises zarr's JSONDecodeError with a traceback instead of a 'tail: cannot be opened' problem")),
 }
 
 

@@ -1,4 +1,4 @@
-"""Views of base images: sampling crop/flip parameters and rendering them.
+"""Views of base images: the augmentation spec and seeded sampling of crop/flip parameters.
 
 A *view* is 5 float32 numbers ``[y0, x0, h, w, flip]`` relative to the base
 image: the box's top-left corner ``(y0, x0)`` and size ``(h, w)`` as fractions
@@ -24,10 +24,9 @@ import re
 from dataclasses import dataclass
 
 import numpy as np
-import torch
-import torch.nn.functional as F
-from torch import Tensor
 
+from kdcache.cache.format import VIEW_FIELDS
+from kdcache.data.render import IMAGENET_MEAN, IMAGENET_STD, Preprocess, render, view_grid
 from kdcache.errors import KDCacheError
 
 __all__ = [
@@ -42,9 +41,6 @@ __all__ = [
     "view_grid",
 ]
 
-VIEW_FIELDS = ("y0", "x0", "h", "w", "flip")
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 _DEFAULT_RATIO = (3 / 4, 4 / 3)
 _RRC_ATTEMPTS = 10
@@ -286,116 +282,3 @@ def identity_views(n: int, n_views: int = 1) -> np.ndarray:
     out[..., 2] = 1.0
     out[..., 3] = 1.0
     return out
-
-
-# --------------------------------------------------------------------------- rendering
-
-
-@dataclass(frozen=True)
-class Preprocess:
-    """How a model sees a view: ``image_size`` square pixels, then (x - mean) / std."""
-
-    image_size: int
-    mean: tuple[float, float, float] = IMAGENET_MEAN
-    std: tuple[float, float, float] = IMAGENET_STD
-
-    def __post_init__(self) -> None:
-        s = int(self.image_size)
-        if s < 1 or s != self.image_size:
-            raise KDCacheError(f"bad image size {self.image_size!r}: pass a positive int, e.g. --image-size 32")
-        mean = tuple(float(m) for m in self.mean)
-        std = tuple(float(v) for v in self.std)
-        if len(mean) != 3 or len(std) != 3:
-            raise KDCacheError(f"mean and std need 3 values each, got {mean} and {std}: give one per RGB channel")
-        if min(std) <= 0:
-            raise KDCacheError(f"std values must be > 0, got {std}: fix the normalisation std")
-        object.__setattr__(self, "image_size", s)
-        object.__setattr__(self, "mean", mean)
-        object.__setattr__(self, "std", std)
-
-    def to_json(self) -> dict:
-        return {"image_size": self.image_size, "mean": list(self.mean), "std": list(self.std)}
-
-    @classmethod
-    def from_json(cls, d) -> "Preprocess":
-        try:
-            return cls(
-                image_size=int(d["image_size"]),
-                mean=tuple(float(v) for v in d.get("mean", IMAGENET_MEAN)),  # type: ignore[arg-type]
-                std=tuple(float(v) for v in d.get("std", IMAGENET_STD)),  # type: ignore[arg-type]
-            )
-        except (KeyError, AttributeError, TypeError, ValueError) as e:
-            raise KDCacheError(f"bad stored preprocessing {d!r} ({e}): the cache metadata is damaged") from None
-
-
-def view_grid(views: Tensor, size: int) -> Tensor:
-    """The ``grid_sample`` grid ``(B, S, S, 2)`` of views ``(B, 5)`` at ``S x S``.
-
-    Equal to ``F.affine_grid(theta, (B, C, S, S), align_corners=False)`` with
-    ``theta = [[sx, 0, tx], [0, sy, ty]]``, ``sx = ±w`` (negative = flip),
-    ``sy = h``, ``tx = 2*x0 + w - 1``, ``ty = 2*y0 + h - 1``, but computed
-    with elementwise ops instead of a matmul: bitwise independent of the
-    batch composition and unaffected by TF32 matmul settings on GPUs.
-    """
-    v = views.to(torch.float32)
-    y0, x0, h, w, flip = v.unbind(-1)
-    sx = torch.where(flip > 0.5, -w, w)
-    tx = 2.0 * x0 + w - 1.0
-    ty = 2.0 * y0 + h - 1.0
-    # pixel centres of the output in [-1, 1] (align_corners=False)
-    base = (torch.arange(size, device=v.device, dtype=torch.float64) * 2 + 1) / size - 1
-    base = base.to(torch.float32)
-    gx = sx[:, None, None] * base[None, None, :] + tx[:, None, None]  # (B, 1, S)
-    gy = h[:, None, None] * base[None, :, None] + ty[:, None, None]  # (B, S, 1)
-    b = v.shape[0]
-    return torch.stack((gx.expand(b, size, size), gy.expand(b, size, size)), dim=-1)
-
-
-def render(images: Tensor, views: Tensor, pre: Preprocess) -> Tensor:
-    """Render views of base images: float32 ``(B, 3, S, S)``, normalised.
-
-    ``images``: ``(B, C, H, W)`` uint8 (0..255) or float (0..1), C in {1, 3},
-    on any device; ``views``: ``(B, 5)`` (or one ``(5,)`` view for all),
-    moved to the images' device.  Steps: to float in [0, 1]; crop + resize +
-    flip in one bilinear ``F.grid_sample`` (``padding_mode="zeros"``,
-    ``align_corners=False``, grid from :func:`view_grid`); 1 channel repeated
-    to 3; ``(x - mean) / std``.  Runs under ``torch.no_grad`` semantics (no
-    autograd use intended).
-
-    Exactness: each output row depends only on its own image and view, so on
-    a given device the result is the same whatever else is in the batch.
-    With the identity view and ``S == H == W`` it returns the normalised
-    image itself (up to float rounding).
-
-    Aliasing: bilinear sampling reads only the 4 nearest base pixels, so
-    downscaling by a large factor (e.g. a 256 px base to 32 px) aliases.
-    That is accepted: teacher and student still see the same pixels.  An
-    antialiased path would prefilter (e.g. ``F.interpolate(...,
-    antialias=True)`` of each box, or an area/box blur of the base image by the
-    scale factor before sampling) -- not implemented, since it is not
-    expressible as one batched grid sample with per-row boxes.
-    """
-    if images.ndim != 4:
-        raise ValueError(f"images must be (B, C, H, W), got shape {tuple(images.shape)}")
-    b, c = images.shape[:2]
-    if c not in (1, 3):
-        raise ValueError(f"images must have 1 or 3 channels, got {c}")
-    views = torch.as_tensor(views, device=images.device)
-    if views.ndim == 1:
-        views = views[None].expand(b, 5)
-    if views.shape != (b, 5):
-        raise ValueError(f"views must be ({b}, 5), got {tuple(views.shape)}")
-    with torch.no_grad():
-        if images.dtype == torch.uint8:
-            x = images.to(torch.float32) / 255.0
-        elif images.is_floating_point():
-            x = images.to(torch.float32)
-        else:
-            raise ValueError(f"images must be uint8 or float, got {images.dtype}")
-        grid = view_grid(views, pre.image_size)
-        out = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
-        if c == 1:
-            out = out.expand(b, 3, pre.image_size, pre.image_size)
-        mean = torch.tensor(pre.mean, dtype=torch.float32, device=x.device).view(1, 3, 1, 1)
-        std = torch.tensor(pre.std, dtype=torch.float32, device=x.device).view(1, 3, 1, 1)
-        return ((out - mean) / std).contiguous()
