@@ -1,7 +1,7 @@
 """`kdtrain` (kdcache.cli.kdtrain_main, the console script's entry point) with two measurement hooks:
 
 - KDBENCH_HWM_FILE: on the way out of kdtrain_main (before interpreter shutdown), write this process's
-  VmHWM (peak RSS so far, bytes) there. The kernel's ru_maxrss also counts a ~130 MB RSS spike that
+  VmHWM (peak RSS so far) and VmRSS (bytes) there. The kernel's ru_maxrss also counts a ~130 MB RSS spike that
   `import torch` alone causes at interpreter exit (measured: a script that only imports torch peaks
   ~130 MB above its steady RSS while exiting), which would hide the training-phase peak.
 - KDBENCH_LRU_MB: cap the streaming reader's LRU at this many MiB instead of kdcache's 64 MiB default
@@ -16,10 +16,10 @@ import kdcache.cache.reader as reader
 from kdcache.cli import kdtrain_main
 
 
-def _hwm() -> int:
+def _status(key: str) -> int:
     with open("/proc/self/status") as f:
         for line in f:
-            if line.startswith("VmHWM:"):
+            if line.startswith(key + ":"):
                 return int(line.split()[1]) * 1024
     return -1
 
@@ -33,4 +33,4 @@ if __name__ == "__main__":
     finally:
         if os.environ.get("KDBENCH_HWM_FILE"):
             with open(os.environ["KDBENCH_HWM_FILE"], "w") as f:
-                f.write(str(_hwm()))
+                f.write(f"{_status('VmHWM')} {_status('VmRSS')}")

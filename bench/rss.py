@@ -4,13 +4,14 @@ For each N: a synthetic dataset `bench.synthdata:synthetic` (1x8x8 uint8 images 
 labels i % 10; only the labels array grows with N) and a matching full 10-class fp16 cache written through
 kdcache's writer with the dataset's identity (so kdtrain's alignment check passes). Then, as a subprocess:
 
-  python -m bench._kdtrain --cache C --student mlp --student-arg hidden=(64,) --epochs 1 --batch-size 1024 \
+  python -m bench._kdtrain --cache C --dataset bench.synthdata:synthetic --student mlp --student-arg hidden=(64,) --epochs 1 --batch-size 1024 \
           --cache-ram 0 --quiet --no-plots --out RUN --overwrite
 
 (= kdtrain, one full epoch, streaming: `--cache-ram 0` never loads the cache whole). Peak RSS is the
 child's VmHWM read as kdtrain_main returns (bench/_kdtrain.py); the kernel's ru_maxrss (os.wait4) is
 reported too, but it includes a ~130 MB spike that `import torch` alone causes at interpreter exit.
-A /proc VmRSS trace is sampled as well (median reported).
+RSS at the end of training (VmRSS as kdtrain_main returns) is reported, and a /proc VmRSS trace is
+kept in the JSON.
 
 Target: peak RSS(N = 1,000,000) - peak RSS(N = 10,000) <= 64 MB.
 """
@@ -30,6 +31,7 @@ import numpy as np  # noqa: E402
 from bench import common  # noqa: E402
 
 TARGET_MB = 64
+SPEC = "bench.synthdata:synthetic"
 
 
 def prepare(n: int, wd: Path) -> str:
@@ -43,7 +45,7 @@ def prepare(n: int, wd: Path) -> str:
 
 def run(n: int, cache: str, wd: Path, batch: int, cache_ram: str, tag: str, lru_mb: float | None = None) -> dict:
     out = wd / f"run_{tag}_n{n}"
-    cmd = [sys.executable, "-m", "bench._kdtrain", "--cache", cache, "--student", "mlp", "--student-arg", "hidden=(64,)",
+    cmd = [sys.executable, "-m", "bench._kdtrain", "--cache", cache, "--dataset", SPEC, "--student", "mlp", "--student-arg", "hidden=(64,)",
            "--epochs", "1", "--batch-size", str(batch), "--cache-ram", cache_ram, "--quiet", "--no-plots",
            "--out", str(out), "--overwrite"]
     hwm = wd / f"hwm_{tag}_n{n}.txt"
@@ -56,13 +58,14 @@ def run(n: int, cache: str, wd: Path, batch: int, cache_ram: str, tag: str, lru_
         sys.exit(f"kdtrain failed (rc {r['rc']}); see {wd / f'log_{tag}_n{n}.txt'}:\n"
                  + (wd / f"log_{tag}_n{n}.txt").read_text()[-2000:])
     m = json.loads((out / "metrics.json").read_text())
-    trace = np.asarray([b for _, b in r["trace"]], dtype=np.float64)
-    return {"N": n, "mode": tag, "peak_rss_mb": int(hwm.read_text()) / 1e6,
+    step = max(1, len(r["trace"]) // 200)
+    hwm_b, end_b = (int(x) for x in hwm.read_text().split())
+    return {"N": n, "mode": tag, "peak_rss_mb": hwm_b / 1e6, "end_rss_mb": end_b / 1e6,
             "maxrss_incl_exit_mb": r["peak_rss_bytes"] / 1e6,
-            "median_rss_mb": float(np.median(trace)) / 1e6 if len(trace) else None,
             "wall_s": r["wall_s"], "train_s": m["final"]["train_seconds"],
             "train_samples_per_s": m["final"]["samples_per_s"], "test_top1": m["final"]["test_top1"],
-            "loadavg": load, "command": r["cmd"],
+            "loadavg": load, "command": r["cmd"], "rss_trace_s_mb": [(round(t, 2), round(b / 1e6, 1))
+                                                                   for t, b in r["trace"][::step]],
             "env": " ".join(f"{k}={v}" for k, v in env.items())}
 
 
@@ -99,9 +102,9 @@ def main() -> None:
         for r in rows:
             if r["mode"] == tag:
                 r["delta_vs_smallest_mb"] = r["peak_rss_mb"] - base["peak_rss_mb"]
-            r["maxrss_delta_mb"] = r["maxrss_incl_exit_mb"] - base["maxrss_incl_exit_mb"]
+                r["maxrss_delta_mb"] = r["maxrss_incl_exit_mb"] - base["maxrss_incl_exit_mb"]
     cols = ["N", "mode", "peak_rss_mb", "delta_vs_smallest_mb", "maxrss_incl_exit_mb", "maxrss_delta_mb",
-            "median_rss_mb", "wall_s", "train_s",
+            "end_rss_mb", "wall_s", "train_s",
             "train_samples_per_s", "loadavg"]
     print()
     print(common.table(rows, cols))

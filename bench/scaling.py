@@ -3,7 +3,7 @@
 Each step is the real CLI in a subprocess (peak RSS = that child's ru_maxrss, from os.wait4):
   kdcache dump --teacher cnn_s --weights W --dataset bench.synthdata:synthetic --image-size 16 \
                --out WORK/synth_sN.zarr --overwrite --quiet                       (full fp16 logits, Zarr)
-  kdtrain --cache WORK/synth_sN.zarr --student mlp --student-arg hidden=(64,) --epochs 1 --batch-size 512 \
+  kdtrain --cache WORK/synth_sN.zarr --dataset bench.synthdata:synthetic --student mlp --student-arg hidden=(64,) --epochs 1 --batch-size 512 \
           --cache-ram R --quiet --no-plots --out WORK/run_sN --overwrite
 with R = 0 (streaming) and R = 1GiB (kdtrain's default: the cache is loaded whole when it fits).
 cnn_s has random weights (speed only). KDBENCH_N sets N. The marginal rate (16x - 1x samples over the
@@ -60,7 +60,7 @@ def main() -> None:
         print(f"  dump  x{s:<3d} N={n:>7,}  {r['wall_s']:6.1f} s  peak {r['peak_rss_bytes'] / 1e6:6.0f} MB", flush=True)
         for tag, ram in (("train stream", "0"), ("train in-memory", "1GiB")):
             out = wd / f"run_s{s}_{ram}"
-            cmd = [common.venv_bin("kdtrain"), "--cache", str(cache), "--student", "mlp", "--student-arg",
+            cmd = [common.venv_bin("kdtrain"), "--cache", str(cache), "--dataset", "bench.synthdata:synthetic", "--student", "mlp", "--student-arg",
                    "hidden=(64,)", "--epochs", "1", "--batch-size", "512", "--cache-ram", ram, "--quiet",
                    "--no-plots", "--out", str(out), "--overwrite"]
             load = common.loadavg()

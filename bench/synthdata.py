@@ -27,7 +27,8 @@ class SyntheticDataset(SourceDataset):
 
     def __init__(self, spec: str, split: str, n: int) -> None:
         self.info = DatasetInfo(spec, split, 10, CLASSES, (1, 8, 8))
-        self.labels = np.arange(n, dtype=np.int64) % 10
+        self.labels = np.arange(n, dtype=np.int64)
+        self.labels %= 10  # in place: no second N-sized temporary
         self._salt = split.encode() + b"\0"
 
     def _array(self, i: int) -> np.ndarray:

@@ -112,8 +112,11 @@ class Exp:
     def load(self, run: str, which: str = "last") -> tuple[torch.nn.Module, int]:
         """Rebuild a trained model from its kdtrain checkpoint; returns (model in eval mode, image size)."""
         ck = torch.load(self.checkpoint(run, which), map_location="cpu", weights_only=True)
-        model = build_model(ck["arch"], num_classes=ck["num_classes"], image_size=ck["image_size"],
-                            **ck["arch_args"])
+        args = dict(ck["arch_args"])
+        tokens = ck["model"].get("tokens")
+        if tokens is not None and tokens.shape[1] > 1:  # kdtrain does not record distill_tokens in arch_args
+            args["distill_tokens"] = int(tokens.shape[1]) - 1
+        model = build_model(ck["arch"], num_classes=ck["num_classes"], image_size=ck["image_size"], **args)
         model.load_state_dict(ck["model"])
         return model.eval(), int(ck["image_size"])
 
@@ -282,3 +285,24 @@ def scores(logits: torch.Tensor, y: torch.Tensor) -> dict:
 
     return {"top1": metrics.accuracy(logits, y), "ece": metrics.ece(logits.softmax(-1), y),
             "nll": float(torch.nn.functional.cross_entropy(logits, y))}
+
+
+def head_scores(model: torch.nn.Module, image_size: int, spec: str = "digits") -> dict:
+    """Per-head test scores of a ViT/Mixer with distillation tokens: 'cls', 'dist1', … and 'mean' (of logits),
+    the inference DeiT uses; a model without tokens gives just 'cls'."""
+    from kdcache.data.views import Preprocess, identity_views, render
+    from kdcache.models import has_distill_heads
+
+    ds = open_dataset(spec, "test")
+    images = torch.stack([ds[i][0] for i in range(len(ds))])
+    y = torch.from_numpy(ds.labels)
+    x = render(images, torch.from_numpy(identity_views(len(ds))[:, 0]), Preprocess(image_size))
+    model.eval()
+    with torch.inference_mode():
+        heads = model.forward_heads(x) if has_distill_heads(model) else model(x)[:, None]
+    out = {"cls": scores(heads[:, 0], y)}
+    for i in range(1, heads.shape[1]):
+        out[f"dist{i}"] = scores(heads[:, i], y)
+    if heads.shape[1] > 1:
+        out["mean"] = scores(heads.mean(dim=1), y)
+    return out

@@ -14,6 +14,15 @@ import click
 from kdcache.errors import KDCacheError
 
 
+def _show_usage_error(self: click.UsageError, file: Any = None) -> None:
+    """Click's own input errors, as one line like every other error (exit status stays 2)."""
+    cmd = self.ctx.command_path if self.ctx else "kdcache"
+    click.echo(f"error: {self.format_message()} (see '{cmd} --help')", err=True)
+
+
+click.UsageError.show = _show_usage_error  # type: ignore[method-assign]
+
+
 def _command_line() -> str:
     import os
 
@@ -221,6 +230,9 @@ def demo(out: str, teacher_epochs: int, student_epochs: int, seed: int, quiet: b
 
     from kdcache.demo import DemoConfig, format_table, run_demo
 
+    for flag, value, low in (("--teacher-epochs", teacher_epochs, 1), ("--student-epochs", student_epochs, 1)):
+        if value < low:
+            raise KDCacheError(f"{flag} must be at least {low}, got {value}")
     t0 = time.perf_counter()
     rows = run_demo(DemoConfig(out=out, teacher_epochs=teacher_epochs, student_epochs=student_epochs, seed=seed,
                                progress=not quiet))

@@ -11,6 +11,7 @@ import time
 from dataclasses import dataclass
 
 from kdcache.cache.dump import DumpConfig, run_dump
+from kdcache.errors import KDCacheError
 from kdcache.train.loop import TrainConfig, run_train
 from kdcache.train.objective import Objective
 
@@ -58,6 +59,8 @@ def _row(model: str, method: str, r: dict) -> Row:
 
 def run_demo(cfg: DemoConfig) -> list[Row]:
     """Run every stage; returns the table's rows (also written to OUT/results.md)."""
+    if os.path.exists(cfg.out) and not os.path.isdir(cfg.out):
+        raise KDCacheError(f"--out {cfg.out} is a file, not a directory: choose another --out")
     os.makedirs(cfg.out, exist_ok=True)
     rows = []
     teacher = _train(cfg, "teacher", cfg.teacher, cfg.teacher_args, cfg.teacher_epochs)

@@ -186,8 +186,10 @@ def run_dump(cfg: DumpConfig) -> str:
     backend = backend_for(cfg.out)
     compressor = cfg.compressor or default_compressor(backend)
     check_compressor(backend, compressor)
-    if cfg.views < 1:
-        raise KDCacheError(f"--views must be at least 1, got {cfg.views}")
+    for flag, value, low in (("--views", cfg.views, 1), ("--batch-size", cfg.batch_size, 1),
+                             ("--num-workers", cfg.num_workers, 0), ("--chunk-rows", cfg.chunk_rows, 1)):
+        if value is not None and value < low:
+            raise KDCacheError(f"{flag} must be at least {low}, got {value}")
     aug = AugmentSpec.parse(cfg.augment)
     ds = open_dataset(cfg.dataset, cfg.split, cfg.data_root, cfg.download)
     num_classes = ds.info.num_classes

@@ -64,6 +64,16 @@ def _pct(x: float | None) -> str:
     return "n/a" if x is None else f"{100 * x:.2f}%"
 
 
+def _safe(text: object) -> str:
+    """Attribute strings are data: control characters (newlines, ANSI escapes) are shown escaped."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in str(text))
+
+
+def _cell(text: object) -> str:
+    """Safe inside a Markdown table cell (and inside a code span)."""
+    return _safe(text).replace("|", "\\|").replace("`", "'")
+
+
 def as_text(s: dict) -> str:
     """Aligned `key: value` lines for the terminal."""
     kind = "full logits" if s["kind"] == "full" else f"top-{s['k']} logits + tail"
@@ -85,13 +95,15 @@ def as_text(s: dict) -> str:
         ("command", s["command"] or "n/a"),
     ]
     width = max(len(k) for k, _ in lines)
-    out = [f"{k:>{width}}: {v}" for k, v in lines]
-    out += [f"{'warning':>{width}}: {w}" for w in s["warnings"]]
+    out = [f"{k:>{width}}: {_safe(v)}" for k, v in lines]
+    out += [f"{'warning':>{width}}: {_safe(w)}" for w in s["warnings"]]
     return "\n".join(out)
 
 
 def as_markdown(s: dict) -> str:
     """A cache card to publish beside a shared cache."""
+    s = {k: _cell(v) if isinstance(v, str) else v for k, v in s.items()}
+    s["teacher_weights"] = {k: _cell(v) for k, v in s["teacher_weights"].items()}
     rows = [
         ("Teacher", f"`{s['teacher']}` ({s['teacher_params'] or '?'} parameters, input {s['image_size']} px)"),
         ("Weights", f"{s['teacher_weights'].get('source', '?')}, sha256 `{s['teacher_weights'].get('sha256')}`"),
@@ -106,5 +118,5 @@ def as_markdown(s: dict) -> str:
         ("Command", f"`{s['command']}`"),
     ]
     body = "\n".join(f"| {k} | {v} |" for k, v in rows)
-    notes = "".join(f"\n> **Note:** {w}\n" for w in s["warnings"])
-    return f"# Cache card: {os.path.basename(s['path'].rstrip('/'))}\n\n| | |\n|---|---|\n{body}\n{notes}"
+    notes = "".join(f"\n> **Note:** {_safe(w)}\n" for w in s["warnings"])
+    return f"# Cache card: {_safe(os.path.basename(s['path'].rstrip('/')))}\n\n| | |\n|---|---|\n{body}\n{notes}"

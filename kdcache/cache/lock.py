@@ -18,7 +18,11 @@ class WriteLock:
 
     def __enter__(self) -> "WriteLock":
         while True:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            except OSError as e:
+                raise KDCacheError(f"cannot write beside {self.path[:-5]} ({e.strerror or e}): "
+                                   "choose an --out in a folder you can write") from None
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:

@@ -50,8 +50,14 @@ def path_exists(path: str) -> bool:
 
 def ensure_parent(path: str) -> None:
     """Create the local directory an output goes into (URLs need none)."""
-    if not is_url(path):
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    if is_url(path):
+        return
+    parent = os.path.dirname(os.path.abspath(path))
+    try:
+        os.makedirs(parent, exist_ok=True)
+    except OSError as e:
+        raise KDCacheError(f"cannot create the output folder {parent} ({e.strerror or e}): "
+                           "choose an --out in a folder you can write") from None
 
 
 def remove_tree(path: str) -> None:
@@ -112,9 +118,12 @@ class Store:
     @property
     def attrs(self) -> dict:
         raw = self._h.attrs.get(ATTR_KEY)
-        if raw is None:
-            return {}
-        return json.loads(raw) if isinstance(raw, (str, bytes)) else dict(raw)
+        if isinstance(raw, (str, bytes)):
+            try:
+                raw = json.loads(raw)
+            except ValueError:
+                return {}  # not ours: callers then say "not a kdcache cache"
+        return dict(raw) if isinstance(raw, dict) else {}
 
     def set_attrs(self, attrs: dict) -> None:
         if self.backend == "zarr":

@@ -21,9 +21,14 @@ def _schema(attrs: dict) -> list[str]:
         return [f"attributes: missing {', '.join(missing)}"]
     problems = []
     for key, typ in (("n", int), ("n_views", int), ("num_classes", int), ("chunk_rows", int), ("teacher", dict),
-                     ("dataset", dict), ("views", dict), ("command", str)):
+                     ("dataset", dict), ("views", dict), ("command", str), ("version", str), ("status", str),
+                     ("value_dtype", str)):
         if not isinstance(attrs[key], typ) or isinstance(attrs[key], bool):
             problems.append(f"attributes: {key} should be {typ.__name__}, found {type(attrs[key]).__name__}")
+    if attrs["k"] is not None and (not isinstance(attrs["k"], int) or isinstance(attrs["k"], bool)):
+        problems.append(f"attributes: k should be int or null, found {type(attrs['k']).__name__}")
+    if problems:
+        return problems
     if attrs["status"] != STATUS_COMPLETE:
         problems.append(f"attributes: status is {attrs['status']!r}, not 'complete' (finish it with --resume)")
     if isinstance(attrs.get("dataset"), dict) and attrs["dataset"].get("n") != attrs["n"]:
@@ -34,10 +39,14 @@ def _schema(attrs: dict) -> list[str]:
 def _arrays(store: Store, layout: Layout) -> list[str]:
     problems = []
     for name, (shape, dtype, _) in layout.arrays().items():
-        if name not in store:
-            problems.append(f"{name}: array missing")
+        try:
+            if name not in store:
+                problems.append(f"{name}: array missing")
+                continue
+            a = store[name]
+        except Exception as e:  # damaged array metadata fails in library-specific ways
+            problems.append(f"{name}: array metadata unreadable ({type(e).__name__}: {e})")
             continue
-        a = store[name]
         if tuple(a.shape) != shape or np.dtype(a.dtype) != np.dtype(dtype):
             problems.append(f"{name}: shape {tuple(a.shape)} dtype {a.dtype}, expected shape {shape} dtype {dtype}")
     return problems
@@ -81,12 +90,15 @@ def verify(path: str) -> tuple[list[str], dict]:
         except KDCacheError as e:
             return [str(e)], {}
         problems = _schema(attrs)
-        if problems and problems[0].startswith("attributes: missing"):
+        if any("missing" in p or "should be" in p for p in problems):
             return problems, {}
-        layout = Layout.from_attrs(attrs)
-        problems += _arrays(store, layout)
-        if any(p.split(":")[0] in ("done", "checksum", "labels") for p in problems):
-            return problems, {}
+        try:
+            layout = Layout.from_attrs(attrs)
+        except (KDCacheError, ValueError, TypeError) as e:
+            return problems + [f"attributes: the layout they describe is invalid ({e})"], {}
+        array_problems = _arrays(store, layout)
+        if array_problems:  # chunk checks need every array in its declared shape
+            return problems + array_problems, {}
         done = np.asarray(store["done"][...], dtype=bool)
         if not done.all():
             problems.append(f"done: {int((~done).sum())} of {len(done)} chunks not written "

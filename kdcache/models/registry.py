@@ -63,7 +63,11 @@ def build_model(name: str, num_classes: int, image_size: int, in_chans: int = 3,
     if name in BUILTINS:
         factory = BUILTINS[name]
         _check_options(name, factory, kwargs, ("num_classes", "image_size", "in_chans"))
-        model = factory(num_classes, image_size, in_chans, **kwargs)
+        try:
+            model = factory(num_classes, image_size, in_chans, **kwargs)
+        except (TypeError, ValueError) as e:
+            shown = ", ".join(f"{k}={v!r}" for k, v in kwargs.items()) or "no options"
+            raise KDCacheError(f"cannot build {name!r} with {shown} ({e}): check the builder options") from None
     elif name in torchvision_names():
         model = _build_torchvision(name, num_classes, image_size, in_chans, kwargs)
     elif ":" in name:

@@ -75,6 +75,9 @@ def _dataset_spec(cfg: TrainConfig, caches: list[Cache]) -> tuple[str, int]:
     if caches:
         a = caches[0].attrs
         spec = cfg.dataset or a["dataset"]["spec"]
+        if cfg.dataset is None and (":" in spec and not spec.startswith("imagefolder:")):
+            raise KDCacheError(f"the cache was dumped from the dataset factory {spec!r}: kdtrain does not import code "
+                               f"named by a cache; pass --dataset {spec} yourself if you trust it")
         return spec, cfg.image_size or a["teacher"]["preprocess"]["image_size"]
     spec = cfg.dataset or "digits"
     return spec, cfg.image_size or 0
@@ -187,7 +190,19 @@ def run_train(cfg: TrainConfig) -> dict:
         shutdown(d)
 
 
+def _check_numbers(cfg: TrainConfig) -> None:
+    for flag, value, low in (("--epochs", cfg.epochs, 1), ("--batch-size", cfg.batch_size, 1),
+                             ("--num-workers", cfg.num_workers, 0)):
+        if value < low:
+            raise KDCacheError(f"{flag} must be at least {low}, got {value}")
+    for flag, value in (("--lr", cfg.lr), ("--weight-decay", cfg.weight_decay), ("--clip", cfg.clip),
+                        ("--mixup", cfg.mixup), ("--warmup-epochs", cfg.warmup_epochs)):
+        if value is not None and (value < 0 or (flag == "--lr" and value == 0)):
+            raise KDCacheError(f"{flag} must be {'positive' if flag == '--lr' else 'non-negative'}, got {value}")
+
+
 def _run(cfg: TrainConfig, d: Dist, device: torch.device) -> dict:
+    _check_numbers(cfg)
     run = RunDir(cfg.out, resume=cfg.resume, overwrite=cfg.overwrite, writer=d.main)
     d.barrier()
     with ExitStack() as stack:

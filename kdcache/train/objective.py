@@ -37,6 +37,10 @@ class Objective:
         for name, vals in (("--lambdas", self.lambdas), ("--taus", self.taus)):
             if vals is not None and len(vals) != n_teachers:
                 raise KDCacheError(f"{name} has {len(vals)} values for {n_teachers} caches: give one per --cache")
+        if self.temperature <= 0 or any(t <= 0 for t in self.taus or ()):
+            raise KDCacheError("temperatures (-T, --taus) must be positive")
+        if not 0 <= self.alpha <= 1 or any(w < 0 for w in self.lambdas or ()):
+            raise KDCacheError(f"--alpha must lie in [0, 1] and --lambdas be non-negative (got alpha {self.alpha})")
         if self.topk_mode not in ("tail", "renorm"):
             raise KDCacheError(f"unknown --topk-loss {self.topk_mode!r}: use tail or renorm")
         return Objective(loss, self.alpha, self.temperature, self.lambdas, self.taus, self.topk_mode)

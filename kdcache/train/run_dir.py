@@ -33,6 +33,8 @@ class RunDir:
         self.last, self.best = os.path.join(path, "last.pt"), os.path.join(path, "best.pt")
         self.log_path = os.path.join(path, "log.csv")
         self.rows: list[dict] = []
+        if os.path.exists(path) and not os.path.isdir(path):
+            raise KDCacheError(f"--out {path} is a file, not a run directory: choose another --out")
         if not writer:
             return
         if os.path.exists(self.last) and not resume:
@@ -49,7 +51,11 @@ class RunDir:
         """Load `last` when resuming; returns (first epoch to run, best top-1 so far)."""
         if not self.resume:
             return 0, -1.0
-        ck = torch.load(self.last, map_location="cpu", weights_only=True)
+        try:
+            ck = torch.load(self.last, map_location="cpu", weights_only=True)
+        except Exception as e:  # a damaged or hostile file: torch raises many types; no code runs
+            raise KDCacheError(f"cannot resume from {self.last} ({type(e).__name__}): it is not a kdtrain "
+                               "checkpoint of plain tensors; start a new run with --overwrite") from None
         model.load_state_dict(ck["model"])
         opt.load_state_dict(ck["optimizer"])
         sched.load_state_dict(ck["scheduler"])

@@ -1,0 +1,110 @@
+"""(d) CivT co-advising (Ren et al. 2022) in miniature: a ViT taught by a CNN and an involution network at once.
+
+Student vit_nano (patch 4 at 16 px) with one distillation token per teacher; teachers cnn_s (convolution, 16 px)
+and rednet_s (involution, trained at the digits' native 8 px, where it is ~3x cheaper than at 16 px).  Everyone
+trains under the augmentation AUG; each teacher is dumped over the same VIEWS stored views (same augment and seed,
+so the two caches describe the same crops).  CivT's Eq. 5 with λ0 = λ1 = λ2 = 1 as in the paper, τ1 = τ2 = TAU:
+
+    λ0 CE(cls, y) + Σ_i λi τi² KL_τi(teacher i ‖ distillation token i)
+
+(kdtrain --cache cnn.zarr --cache inv.zarr --distill-tokens --alpha 1 --lambdas 1,1 --taus 1,1).  Compared with
+the same student and either teacher alone (one token) and with no teacher (labels + the same augmentation).
+Scored from the class head and from the mean of all heads.  One pair of teachers (seed 0); students over seeds.
+The budget allows EPOCHS epochs, so the ViT is still improving when it stops (see deit.py).
+
+    .venv/bin/python -m experiments.civt           # ~4 min on 2 shared cores (3 seeds)
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from experiments.common import cache_facts, head_scores, md_table, mean_std, pm, savefig, setup
+from kdcache.cache import open_cache
+from kdcache.train.objective import Objective
+
+AUG = "translate(0.1)+rrc(0.7,1)"
+VIEWS = 8
+CNN = dict(student="cnn_s", image_size=16, epochs=15, augment=AUG)
+INV = dict(student="rednet_s", image_size=8, epochs=12, augment=AUG)
+VIT = dict(student="vit_nano", student_args={"patch_size": 4}, image_size=16, epochs=10, lr=2e-3)
+TAU = 1.0
+
+
+def _disagreement(a: str, b: str) -> float:
+    """Fraction of stored (sample, view) pairs on which the two teachers' argmax differ."""
+    with open_cache(a) as ca, open_cache(b) as cb:
+        idx = np.arange(ca.n)
+        d = [(ca.read(idx, v).values.float().argmax(1) != cb.read(idx, v).values.float().argmax(1)).float().mean()
+             for v in range(ca.n_views)]
+    return float(np.mean(d))
+
+
+def main() -> None:
+    e = setup("civt", __doc__.splitlines()[0])
+    teachers = {"cnn_s": e.train("cnn", seed=0, **CNN)["final"], "rednet_s": e.train("inv", seed=0, **INV)["final"]}
+    e.log("teachers: " + ", ".join(f"{k} {100 * v['test_top1']:.1f}" for k, v in teachers.items()))
+    cnn = e.dump("cnn", "cnn", "cnn_s", image_size=16, views=VIEWS, augment=AUG, seed=0)
+    inv = e.dump("inv", "inv", "rednet_s", image_size=8, views=VIEWS, augment=AUG, seed=0)
+    facts = {"cnn_s": cache_facts(cnn), "rednet_s": cache_facts(inv), "disagreement": _disagreement(cnn, inv)}
+    conds = {
+        "no teacher (labels + aug)": dict(augment=AUG),
+        "CNN teacher (1 token)": dict(caches=(cnn,), distill_tokens=True,
+                                      objective=Objective("kd", 1.0, TAU, (1.0,), (TAU,))),
+        "involution teacher (1 token)": dict(caches=(inv,), distill_tokens=True,
+                                             objective=Objective("kd", 1.0, TAU, (1.0,), (TAU,))),
+        "CNN + involution (2 tokens, CivT)": dict(caches=(cnn, inv), distill_tokens=True,
+                                                  objective=Objective("kd", 1.0, TAU, (1.0, 1.0), (TAU, TAU))),
+    }
+    res: dict[str, list[dict]] = {k: [] for k in conds}
+    for s in e.seeds:
+        for i, (name, kw) in enumerate(conds.items()):
+            e.train(f"c{i}-{s}", seed=s, **VIT, **kw)
+            res[name].append(head_scores(*e.load(f"c{i}-{s}")))
+        e.log(f"seed {s}: " + ", ".join(f"{k} {100 * v[-1]['cls']['top1']:.1f}" for k, v in res.items()))
+    e.data.update({"teachers": teachers, "caches": facts, "students": res,
+                   "config": {"augment": AUG, "views": VIEWS, "cnn": CNN, "inv": INV, "vit": VIT, "tau": TAU}})
+
+    def cell(name: str, head: str, metric: str = "top1", scale: float = 100, digits: int = 1) -> str:
+        vals = [r[head][metric] for r in res[name] if head in r]
+        return pm(vals, scale, digits) if vals else "—"
+
+    trows = [[k, f"{100 * v['test_top1']:.1f}", f"{100 * facts[k]['teacher_top1']:.1f}",
+              f"{facts[k]['mean_entropy']:.3f}"] for k, v in teachers.items()]
+    e.table(f"Teachers (seed 0) under `{AUG}`; they disagree on {100 * facts['disagreement']:.1f} % of the "
+            f"{VIEWS} stored views per train image",
+            md_table(["teacher", "test top-1 %", "top-1 % on its stored train views", "mean entropy (nats)"], trows))
+    rows = [[n, cell(n, "cls"), cell(n, "mean"), cell(n, "dist1"), cell(n, "dist2"), cell(n, "cls", "nll", 1, 3)]
+            for n in conds]
+    e.table(f"vit_nano students, {VIT['epochs']} epochs: test top-1 % (seeds 0–{len(e.seeds) - 1})",
+            md_table(["teachers", "class head", "mean of heads", "token 1 head", "token 2 head", "class-head NLL"],
+                     rows))
+    _plot(res)
+    e.finish()
+
+
+def _plot(res: dict) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 3.6))
+    names = list(res)
+    for j, (head, color, label) in enumerate((("cls", "tab:blue", "class head"),
+                                              ("mean", "tab:green", "mean of heads"))):
+        ms = [mean_std(100 * r[head]["top1"] for r in res[n]) if head in res[n][0] else (np.nan, 0) for n in names]
+        ax.bar(np.arange(len(names)) + (j - 0.5) * 0.35, [m for m, _ in ms], 0.35, yerr=[s for _, s in ms],
+               capsize=3, color=color, label=label)
+    lo = min(100 * r["cls"]["top1"] for v in res.values() for r in v)
+    ax.set_ylim(max(0, lo - 15), 100)
+    ax.set_xticks(range(len(names)), [n.replace(" (", "\n(") for n in names], fontsize=8)
+    ax.set_ylabel("test top-1 %")
+    ax.legend(fontsize=8)
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    savefig(fig, "civt.png")
+
+
+if __name__ == "__main__":
+    main()
