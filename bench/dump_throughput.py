@@ -10,8 +10,9 @@ random weights, at 32 px, full fp16 logits into Zarr (blosc-zstd), batch 256, on
          writer thread + flush) and `finalize` phases are timed by wrapping them (no kdcache file changed)
   bare   the same DataLoader over the same chunk-aligned batches (dump._chunk_batches), render + teacher
          forward under inference_mode, nothing kept or written
-Runs alternate (bare, dump, bare, dump, ...); medians are reported, and the ratio of the best runs
-(least disturbed by other jobs on the machine). Target: dump >= 0.9x bare.
+Runs alternate (bare, dump, bare, dump, ...); medians are reported, the ratio of the best runs (least
+disturbed by other jobs on this shared machine), and the ratio of process CPU time (all threads: inference,
+writer, zarr) -- the work each costs, which other jobs' load distorts far less than wall time. Target: dump >= 0.9x bare.
 
 Part 2 -- bytes per sample on a real teacher: cnn_s trained with
   kdtrain --student cnn_s --epochs 5 --out WORK/teacher --quiet --no-plots
@@ -75,8 +76,8 @@ class PhaseTimer:
         dump._run_chunks, fin.finalize = self._orig
 
 
-def bare_inference(cfg) -> tuple[int, float]:
-    """render + teacher forward over the dump's own loader and batches; returns (samples, seconds)."""
+def bare_inference(cfg) -> tuple[int, float, float]:
+    """render + teacher forward over the dump's own loader and batches; returns (samples, wall s, CPU s)."""
     from torch.utils.data import DataLoader
 
     from kdcache.cache.dump import _chunk_batches, _load_teacher, default_image_size
@@ -92,14 +93,14 @@ def bare_inference(cfg) -> tuple[int, float]:
     batches = _chunk_batches(layout, list(range(layout.n_chunks)), cfg.batch_size)
     loader = DataLoader(ds, batch_sampler=batches, num_workers=0)
     n = 0
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     with torch.inference_mode():
         for images, labels, idx in loader:
             views = torch.from_numpy(identity_views(len(idx), 1))
             x = render(images, views[:, 0], pre)
             teacher(x).float()
             n += len(idx)
-    return n, time.perf_counter() - t0
+    return n, time.perf_counter() - t0, time.process_time() - c0
 
 
 def throughput(wd: Path, reps: int, tiled_n: int) -> list[dict]:
@@ -116,21 +117,25 @@ def throughput(wd: Path, reps: int, tiled_n: int) -> list[dict]:
             cfg = DumpConfig(teacher=name, weights=str(w), dataset=spec, out=str(wd / f"tp_{short}.zarr"),
                              overwrite=True, progress=False, batch_size=BATCH)
             bare_inference(cfg)  # warm-up (allocator, thread pool)
-            bare, dump, loop, fin = [], [], [], []
+            bare, dump, loop, fin, bare_cpu, dump_cpu = [], [], [], [], [], []
             load0 = common.loadavg()
             for _ in range(reps):
-                n, dt = bare_inference(cfg)
+                n, dt, cpu = bare_inference(cfg)
                 bare.append(n / dt)
+                bare_cpu.append(cpu)
                 with PhaseTimer() as ph:
-                    t0 = time.perf_counter()
+                    t0, c0 = time.perf_counter(), time.process_time()
                     run_dump(cfg)
-                    wall = time.perf_counter() - t0
+                    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
                 dump.append(n / wall)
+                dump_cpu.append(cpu)
                 loop.append(n / ph.times["loop"])
                 fin.append(ph.times["finalize"])
             b, d, lp = common.median(bare), common.median(dump), common.median(loop)
             rows.append({"teacher": short, "dataset": ds_label, "N": n, "bare samples/s": b,
                          "dump samples/s": d, "dump/bare": d / b, "dump/bare (best)": max(dump) / max(bare),
+                         "dump/bare (CPU time)": common.median(bare_cpu) / common.median(dump_cpu),
+                         "bare CPU s": common.median(bare_cpu), "dump CPU s": common.median(dump_cpu),
                          "loop samples/s": lp, "loop/bare": lp / b, "loop/bare (best)": max(loop) / max(bare),
                          "fixed s": n / d - n / lp, "finalize s": common.median(fin), "reps": reps,
                          "loadavg": load0})
@@ -205,7 +210,7 @@ def bytes_synthetic(wd: Path, n: int) -> list[dict]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--tiled-n", type=int, default=16384)
     ap.add_argument("--teacher-epochs", type=int, default=5)
     ap.add_argument("--synthetic-n", type=int, default=16384, help="N of the 1000-class table (0 = skip)")
@@ -216,7 +221,7 @@ def main() -> None:
     print(f"load average {common.wait_quiet(1.0, 60):.2f}", flush=True)
     tp = throughput(wd, args.reps, args.tiled_n)
     cols = ["teacher", "dataset", "N", "bare samples/s", "dump samples/s", "dump/bare", "dump/bare (best)",
-            "loop samples/s", "loop/bare", "loop/bare (best)", "fixed s", "finalize s", "loadavg"]
+            "dump/bare (CPU time)", "loop/bare", "loop/bare (best)", "fixed s", "finalize s", "loadavg"]
     print()
     print(common.table(tp, cols))
     verdict = [{"teacher": r["teacher"], "dataset": r["dataset"], "dump_over_bare": r["dump/bare"],

@@ -44,9 +44,16 @@ IMG = os.path.join(ROOT, "docs", "img")
 # --------------------------------------------------------------------------- process setup
 
 
-def setup(name: str, description: str, default_seeds: int = 3, argv: Sequence[str] | None = None) -> "Exp":
-    """Parse the common flags, pin torch to few threads (the machine is shared) and return the experiment."""
+def setup(name: str, description: str, default_seeds: int = 3, argv: Sequence[str] | None = None,
+          settings: Sequence[str] | None = None) -> "Exp":
+    """Parse the common flags, pin torch to few threads (the machine is shared) and return the experiment.
+
+    `settings`: optional variants of the experiment (the first is the default); a run of variant V other than the
+    default writes its results as NAME_V.
+    """
     p = argparse.ArgumentParser(description=description)
+    if settings:
+        p.add_argument("--setting", choices=list(settings), default=settings[0], help="variant [%(default)s]")
     p.add_argument("--seeds", type=int, default=default_seeds, help="seeds per configuration [%(default)s]")
     p.add_argument("--threads", type=int, default=int(os.environ.get("KD_THREADS", "1")),
                    help="torch intra-op threads [%(default)s; env KD_THREADS]")
@@ -56,7 +63,10 @@ def setup(name: str, description: str, default_seeds: int = 3, argv: Sequence[st
         p.error("--seeds must be >= 1")
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore")
-    return Exp(name, args.seeds, args.keep_work, list(sys.argv))
+    setting = getattr(args, "setting", None)
+    if settings and setting != settings[0]:
+        name = f"{name}_{setting}"
+    return Exp(name, args.seeds, args.keep_work, list(sys.argv), setting)
 
 
 @dataclass
@@ -67,6 +77,7 @@ class Exp:
     n_seeds: int
     keep_work: bool
     argv: list[str]
+    setting: str | None = None
     t0: float = field(default_factory=time.perf_counter)
     data: dict = field(default_factory=dict)
     tables: list[tuple[str, str]] = field(default_factory=list)
@@ -130,7 +141,7 @@ class Exp:
         """Write results/<name>.json and results/<name>.md; remove the scratch dir unless --keep-work."""
         wall = time.perf_counter() - self.t0
         os.makedirs(RESULTS, exist_ok=True)
-        payload = {"experiment": self.name, "command": " ".join(self.argv), "seeds": self.seeds,
+        payload = {"experiment": self.name, "setting": self.setting, "command": " ".join(self.argv), "seeds": self.seeds,
                    "torch_threads": torch.get_num_threads(), "wall_seconds": round(wall, 1),
                    "torch": torch.__version__, "data": self.data}
         with open(os.path.join(RESULTS, f"{self.name}.json"), "w") as f:

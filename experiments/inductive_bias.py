@@ -118,8 +118,9 @@ def _plot(rows: dict, names: list[str], tests: list[str]) -> None:
         ax.set_xticks(range(len(tests)), tests)
         ax.set_ylabel(label)
     axes[0].set_ylim(0, 100)
-    axes[0].legend(fontsize=7, loc="lower left")
-    fig.tight_layout()
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, fontsize=8, loc="lower center", ncol=3)
+    fig.tight_layout(rect=(0, 0.1, 1, 1))
     savefig(fig, "inductive_bias.png")
 
 
