@@ -11,7 +11,15 @@ import numpy as np
 
 from kdcache.cache.format import STATUS_COMPLETE, Layout, check_version
 from kdcache.cache.store import (
-    Store, backend_for, copy_arrays, create_zarr, default_compressor, ensure_parent, is_url, open_store, path_exists,
+    Store,
+    backend_for,
+    copy_arrays,
+    create_zarr,
+    default_compressor,
+    ensure_parent,
+    is_url,
+    open_store,
+    path_exists,
     write_hdf5,
 )
 from kdcache.errors import KDCacheError

@@ -14,12 +14,27 @@ from torch.utils.data import DataLoader
 from kdcache import __version__
 from kdcache.cache import finalize
 from kdcache.cache.format import (
-    FORMAT_NAME, FORMAT_VERSION, STATUS_PARTIAL, TAIL_DEFINITION, VIEW_FIELDS, Layout, default_chunk_rows,
+    FORMAT_NAME,
+    FORMAT_VERSION,
+    STATUS_PARTIAL,
+    TAIL_DEFINITION,
+    VIEW_FIELDS,
+    Layout,
+    default_chunk_rows,
 )
 from kdcache.cache.lock import WriteLock
 from kdcache.cache.store import (
-    Store, backend_for, check_compressor, create_zarr, default_compressor, ensure_parent, is_url, open_store, path_exists,
-    remove_tree, staging_path,
+    Store,
+    backend_for,
+    check_compressor,
+    create_zarr,
+    default_compressor,
+    ensure_parent,
+    is_url,
+    open_store,
+    path_exists,
+    remove_tree,
+    staging_path,
 )
 from kdcache.cache.writer import ChunkWriter, Rows
 from kdcache.data.datasets import SourceDataset, fingerprint, open_dataset
@@ -139,7 +154,8 @@ def _build_attrs(cfg: DumpConfig, ds: SourceDataset, layout: Layout, teacher_id:
         "teacher": {"name": cfg.teacher, "weights": teacher_id, "params": teacher_id.get("params"),
                     "arch_args": teacher_id.get("arch_args", {}),
                     "preprocess": pre.to_json()},
-        "dataset": {"spec": ds.info.spec, "split": ds.info.split, "n": len(ds), "num_classes": ds.info.num_classes,
+        "dataset": {"spec": ds.info.spec, "split": ds.info.split, "n": len(ds),
+                    "num_classes": ds.info.num_classes,
                     "class_names": list(ds.info.class_names), "base_shape": list(ds.info.base_shape),
                     "fingerprint": fp, "labels_sha256": hashlib.sha256(labels.tobytes()).hexdigest(),
                     "labelled": int((ds.labels >= 0).sum())},
@@ -154,7 +170,8 @@ def _build_attrs(cfg: DumpConfig, ds: SourceDataset, layout: Layout, teacher_id:
     }
 
 
-def _load_teacher(cfg: DumpConfig, num_classes: int, image_size: int, device: torch.device) -> tuple[torch.nn.Module, dict]:
+def _load_teacher(cfg: DumpConfig, num_classes: int, image_size: int,
+                  device: torch.device) -> tuple[torch.nn.Module, dict]:
     weights = cfg.weights
     if weights is None:
         raise KDCacheError(

@@ -21,7 +21,13 @@ from kdcache.cache import finalize
 from kdcache.cache.format import FORMAT_NAME, FORMAT_VERSION, STATUS_PARTIAL, Layout, default_chunk_rows
 from kdcache.cache.reader import Cache, CacheBatch, open_cache
 from kdcache.cache.store import (
-    backend_for, create_zarr, default_compressor, ensure_parent, is_url, path_exists, remove_tree,
+    backend_for,
+    create_zarr,
+    default_compressor,
+    ensure_parent,
+    is_url,
+    path_exists,
+    remove_tree,
 )
 from kdcache.cache.writer import ChunkWriter, Rows
 from kdcache.errors import KDCacheError

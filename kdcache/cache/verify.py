@@ -7,7 +7,11 @@ import hashlib
 import numpy as np
 
 from kdcache.cache.format import (
-    REQUIRED_ATTRS, STATUS_COMPLETE, Layout, check_version, view_checksum,
+    REQUIRED_ATTRS,
+    STATUS_COMPLETE,
+    Layout,
+    check_version,
+    view_checksum,
 )
 from kdcache.cache.store import Store, open_store
 from kdcache.errors import KDCacheError

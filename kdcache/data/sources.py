@@ -15,6 +15,7 @@ from torch import Tensor
 
 from kdcache.errors import KDCacheError
 
+
 @dataclass(frozen=True)
 class DatasetInfo:
     """What a dataset is; stored with caches and checked when they are reopened."""

@@ -74,8 +74,9 @@ class RunDir:
             w = csv.DictWriter(f, fieldnames=LOG_FIELDS)
             w.writeheader()
             w.writerows(self.rows)
-        state = {"model": model.state_dict(), "arch": meta["student"], "arch_args": meta["student_args"], "num_classes": meta["num_classes"],
-                 "image_size": meta["image_size"], "epoch": row["epoch"], "test_top1": row["test_top1"]}
+        state = {"model": model.state_dict(), "arch": meta["student"], "arch_args": meta["student_args"],
+                 "num_classes": meta["num_classes"], "image_size": meta["image_size"], "epoch": row["epoch"],
+                 "test_top1": row["test_top1"]}
         if row["test_top1"] > best:
             best = row["test_top1"]
             _atomic_save(state, self.best)
