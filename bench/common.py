@@ -105,6 +105,34 @@ def wait_quiet(threshold: float = 1.0, timeout_s: float = 0.0) -> float:
     return la
 
 
+def _cpu_busy_s() -> tuple[float, float]:
+    """Machine-wide (busy, steal) CPU seconds since boot, from /proc/stat."""
+    with open("/proc/stat") as f:
+        v = [int(x) for x in f.readline().split()[1:]]
+    hz = os.sysconf("SC_CLK_TCK")
+    user, nice, system, idle, iowait, irq, softirq, steal = (v + [0] * 8)[:8]
+    return (user + nice + system + irq + softirq) / hz, steal / hz
+
+
+class Contention:
+    """`with Contention() as c: ...` then c.other: the share of the machine's CPU used by *other* processes
+    during the block (0 = we had it alone, 1 = every core busy with someone else), i.e. machine-wide busy
+    CPU time minus this process's and its waited-for children's, over elapsed x cores. Other engineers'
+    jobs share this machine, so every timing records it."""
+
+    def __enter__(self) -> "Contention":
+        self.t0, (self.busy0, self.steal0), self.own0 = time.perf_counter(), _cpu_busy_s(), sum(os.times()[:4])
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        dt = max(time.perf_counter() - self.t0, 1e-9)
+        busy, steal = _cpu_busy_s()
+        own = sum(os.times()[:4]) - self.own0
+        ncpu = os.cpu_count() or 1
+        self.other = round(max(0.0, busy - self.busy0 - own) / (dt * ncpu), 3)
+        self.steal = round((steal - self.steal0) / (dt * ncpu), 3)
+
+
 def median(xs: Sequence[float]) -> float:
     return float(np.median(np.asarray(xs, dtype=np.float64)))
 
@@ -159,6 +187,8 @@ def write_results(name: str, payload: dict) -> Path:
 
 
 def _json_default(o: object) -> object:
+    if isinstance(o, np.bool_):
+        return bool(o)
     if isinstance(o, (np.integer,)):
         return int(o)
     if isinstance(o, (np.floating,)):
@@ -390,8 +420,8 @@ def drop_page_cache(path: str | Path) -> None:
 # --------------------------------------------------------------------------- subprocess peak RSS
 def run_measured(cmd: list[str], *, env: dict | None = None, cwd: str | Path = REPO, log: Path | None = None,
                  poll_s: float = 0.05) -> dict:
-    """Run `cmd`, returning its exit code, wall time, peak RSS (the kernel's ru_maxrss of that one child,
-    from wait4) and a sampled RSS trace (VmRSS from /proc every `poll_s`)."""
+    """Run `cmd`, returning its exit code, wall time, CPU time (user + sys), peak RSS (the kernel's
+    ru_maxrss of that one child, from wait4) and a sampled RSS trace (VmRSS from /proc every `poll_s`)."""
     full_env = {**os.environ, **(env or {})}
     log = log or Path(os.devnull)
     with open(log, "w") as out:
@@ -420,7 +450,8 @@ def run_measured(cmd: list[str], *, env: dict | None = None, cwd: str | Path = R
         stop.set()
         th.join()
         p.returncode = os.waitstatus_to_exitcode(status)
-    return {"rc": p.returncode, "wall_s": wall, "peak_rss_bytes": ru.ru_maxrss * 1024, "trace": trace,
+    return {"rc": p.returncode, "wall_s": wall, "cpu_s": ru.ru_utime + ru.ru_stime,
+            "peak_rss_bytes": ru.ru_maxrss * 1024, "trace": trace,
             "cmd": " ".join(map(shlex.quote, cmd))}
 
 

@@ -119,6 +119,7 @@ def throughput(wd: Path, reps: int, tiled_n: int) -> list[dict]:
             bare_inference(cfg)  # warm-up (allocator, thread pool)
             bare, dump, loop, fin, bare_cpu, dump_cpu = [], [], [], [], [], []
             load0 = common.loadavg()
+            cont = common.Contention().__enter__()
             for _ in range(reps):
                 n, dt, cpu = bare_inference(cfg)
                 bare.append(n / dt)
@@ -131,6 +132,7 @@ def throughput(wd: Path, reps: int, tiled_n: int) -> list[dict]:
                 dump_cpu.append(cpu)
                 loop.append(n / ph.times["loop"])
                 fin.append(ph.times["finalize"])
+            cont.__exit__()
             b, d, lp = common.median(bare), common.median(dump), common.median(loop)
             rows.append({"teacher": short, "dataset": ds_label, "N": n, "bare samples/s": b,
                          "dump samples/s": d, "dump/bare": d / b, "dump/bare (best)": max(dump) / max(bare),
@@ -138,7 +140,7 @@ def throughput(wd: Path, reps: int, tiled_n: int) -> list[dict]:
                          "bare CPU s": common.median(bare_cpu), "dump CPU s": common.median(dump_cpu),
                          "loop samples/s": lp, "loop/bare": lp / b, "loop/bare (best)": max(loop) / max(bare),
                          "fixed s": n / d - n / lp, "finalize s": common.median(fin), "reps": reps,
-                         "loadavg": load0})
+                         "other CPU %": 100 * cont.other, "loadavg": load0})
             print(f"  {short:19s} {ds_label:14s} bare {b:>8,.0f}/s  dump {d:>8,.0f}/s ({d / b:.3f}x)  "
                   f"loop {lp:>8,.0f}/s ({lp / b:.3f}x)", flush=True)
     return rows
@@ -221,7 +223,7 @@ def main() -> None:
     print(f"load average {common.wait_quiet(1.0, 60):.2f}", flush=True)
     tp = throughput(wd, args.reps, args.tiled_n)
     cols = ["teacher", "dataset", "N", "bare samples/s", "dump samples/s", "dump/bare", "dump/bare (best)",
-            "dump/bare (CPU time)", "loop/bare", "loop/bare (best)", "fixed s", "finalize s", "loadavg"]
+            "dump/bare (CPU time)", "loop/bare", "loop/bare (best)", "fixed s", "finalize s", "other CPU %"]
     print()
     print(common.table(tp, cols))
     verdict = [{"teacher": r["teacher"], "dataset": r["dataset"], "dump_over_bare": r["dump/bare"],

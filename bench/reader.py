@@ -166,6 +166,7 @@ def main() -> None:
         for backend, path in (("zarr", z["path"]), ("hdf5", h["path"])):
             print(f"[{name} {backend}] n={n:,}", flush=True)
             res = {}
+            cont = common.Contention().__enter__()
             if backend == "zarr":
                 res["naive"] = naive_zarr(path, n, args.seconds, rng)
             else:
@@ -176,18 +177,19 @@ def main() -> None:
             if not args.no_cold:
                 res["kdc-chunked-cold"] = kdc_chunked(path, args.stream_seconds, seed=1, cold=True)
             res["in-memory"] = in_memory(path, min(args.seconds, 2.0), rng)
+            cont.__exit__()
             base = res["naive"]["samples"] / res["naive"]["seconds"]
             chunked = res["kdc-chunked"]["samples"] / res["kdc-chunked"]["seconds"]
             for method, r in res.items():
                 sps = r["samples"] / r["seconds"]
                 rows.append({"cache": name, "N": n, "backend": backend, "reader": method,
                              "samples/s": sps, "x naive": sps / base, "x chunked": sps / chunked,
-                             "note": _note(r), **{k2: v for k2, v in r.items() if k2 not in ("samples", "seconds")},
+                             "note": _note(r), "other CPU %": 100 * cont.other, **{k2: v for k2, v in r.items() if k2 not in ("samples", "seconds")},
                              "samples": r["samples"], "seconds": r["seconds"]})
                 print(f"  {method:17s} {sps:>12,.0f} samples/s  ({r['samples']:,} in {r['seconds']:.2f} s) {_note(r)}",
                       flush=True)
 
-    cols = ["cache", "N", "backend", "reader", "samples/s", "x naive", "x chunked", "note"]
+    cols = ["cache", "N", "backend", "reader", "samples/s", "x naive", "x chunked", "note", "other CPU %"]
     print()
     print(common.table(rows, cols))
     top = [r for r in rows if r["cache"] == "top-10/1000" and r["reader"] == "kdc-chunked"]

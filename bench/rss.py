@@ -52,7 +52,8 @@ def run(n: int, cache: str, wd: Path, batch: int, cache_ram: str, tag: str, lru_
     if lru_mb is not None:
         env["KDBENCH_LRU_MB"] = str(lru_mb)
     load = common.loadavg()
-    r = common.run_measured(cmd, env=env, log=wd / f"log_{tag}_n{n}.txt")
+    with common.Contention() as cont:
+        r = common.run_measured(cmd, env=env, log=wd / f"log_{tag}_n{n}.txt")
     if r["rc"] != 0:
         sys.exit(f"kdtrain failed (rc {r['rc']}); see {wd / f'log_{tag}_n{n}.txt'}:\n"
                  + (wd / f"log_{tag}_n{n}.txt").read_text()[-2000:])
@@ -63,7 +64,7 @@ def run(n: int, cache: str, wd: Path, batch: int, cache_ram: str, tag: str, lru_
             "maxrss_incl_exit_mb": r["peak_rss_bytes"] / 1e6,
             "wall_s": r["wall_s"], "train_s": m["final"]["train_seconds"],
             "train_samples_per_s": m["final"]["samples_per_s"], "test_top1": m["final"]["test_top1"],
-            "loadavg": load, "command": r["cmd"], "rss_trace_s_mb": [(round(t, 2), round(b / 1e6, 1))
+            "other CPU %": 100 * cont.other, "loadavg": load, "command": r["cmd"], "rss_trace_s_mb": [(round(t, 2), round(b / 1e6, 1))
                                                                    for t, b in r["trace"][::step]],
             "env": " ".join(f"{k}={v}" for k, v in env.items())}
 
@@ -104,7 +105,7 @@ def main() -> None:
                 r["maxrss_delta_mb"] = r["maxrss_incl_exit_mb"] - base["maxrss_incl_exit_mb"]
     cols = ["N", "mode", "peak_rss_mb", "delta_vs_smallest_mb", "maxrss_incl_exit_mb", "maxrss_delta_mb",
             "end_rss_mb", "wall_s", "train_s",
-            "train_samples_per_s", "loadavg"]
+            "train_samples_per_s", "other CPU %"]
     print()
     print(common.table(rows, cols))
     verdict = None

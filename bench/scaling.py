@@ -51,12 +51,14 @@ def main() -> None:
                "--dataset", "bench.synthdata:synthetic", "--image-size", str(args.image_size),
                "--out", str(cache), "--overwrite", "--quiet"]
         load = common.loadavg()
-        r = common.run_measured(cmd, env=env, log=wd / f"dump_s{s}.txt")
+        with common.Contention() as cont:
+            r = common.run_measured(cmd, env=env, log=wd / f"dump_s{s}.txt")
         if r["rc"]:
             sys.exit((wd / f"dump_s{s}.txt").read_text()[-2000:])
-        rows.append({"stage": "dump", "scale": s, "N": n, "wall_s": r["wall_s"], "samples/s": n / r["wall_s"],
+        rows.append({"stage": "dump", "scale": s, "N": n, "wall_s": r["wall_s"], "cpu_s": r["cpu_s"],
+                     "samples/s": n / r["wall_s"],
                      "peak_rss_mb": r["peak_rss_bytes"] / 1e6, "cache_mb": common.disk_bytes(cache) / 1e6,
-                     "loadavg": load, "command": r["cmd"]})
+                     "other CPU %": 100 * cont.other, "loadavg": load, "command": r["cmd"]})
         print(f"  dump  x{s:<3d} N={n:>7,}  {r['wall_s']:6.1f} s  peak {r['peak_rss_bytes'] / 1e6:6.0f} MB", flush=True)
         for tag, ram in (("train stream", "0"), ("train in-memory", "1GiB")):
             out = wd / f"run_s{s}_{ram}"
@@ -64,13 +66,15 @@ def main() -> None:
                    "hidden=(64,)", "--epochs", "1", "--batch-size", "512", "--cache-ram", ram, "--quiet",
                    "--no-plots", "--out", str(out), "--overwrite"]
             load = common.loadavg()
-            r = common.run_measured(cmd, env=env, log=wd / f"train_s{s}_{ram}.txt")
+            with common.Contention() as cont:
+                r = common.run_measured(cmd, env=env, log=wd / f"train_s{s}_{ram}.txt")
             if r["rc"]:
                 sys.exit((wd / f"train_s{s}_{ram}.txt").read_text()[-2000:])
             m = json.loads((out / "metrics.json").read_text())
-            rows.append({"stage": tag, "scale": s, "N": n, "wall_s": r["wall_s"], "samples/s": n / r["wall_s"],
+            rows.append({"stage": tag, "scale": s, "N": n, "wall_s": r["wall_s"], "cpu_s": r["cpu_s"],
+                         "samples/s": n / r["wall_s"],
                          "epoch samples/s": m["final"]["samples_per_s"], "peak_rss_mb": r["peak_rss_bytes"] / 1e6,
-                         "loadavg": load, "command": r["cmd"]})
+                         "other CPU %": 100 * cont.other, "loadavg": load, "command": r["cmd"]})
             print(f"  {tag:16s} x{s:<3d} {r['wall_s']:6.1f} s  peak {r['peak_rss_bytes'] / 1e6:6.0f} MB  "
                   f"epoch {m['final']['samples_per_s']:,.0f}/s", flush=True)
     for stage in ("dump", "train stream", "train in-memory"):
@@ -81,8 +85,11 @@ def main() -> None:
             r["peak +MB vs 1x"] = r["peak_rss_mb"] - lo["peak_rss_mb"]
         dt = hi["wall_s"] - lo["wall_s"]
         hi["marginal samples/s"] = (hi["N"] - lo["N"]) / dt if dt > 0.5 else None  # too small a difference to mean much
-    cols = ["stage", "scale", "N", "wall_s", "x time vs 1x", "samples/s", "marginal samples/s", "epoch samples/s",
-            "peak_rss_mb", "peak +MB vs 1x", "cache_mb", "loadavg"]
+        dc = hi["cpu_s"] - lo["cpu_s"]
+        hi["marginal samples/CPU-s"] = (hi["N"] - lo["N"]) / dc if dc > 0.5 else None
+    cols = ["stage", "scale", "N", "wall_s", "cpu_s", "x time vs 1x", "samples/s", "marginal samples/s",
+            "marginal samples/CPU-s", "epoch samples/s",
+            "peak_rss_mb", "peak +MB vs 1x", "cache_mb", "other CPU %"]
     print()
     print(common.table(rows, cols))
     common.write_results("scaling", {"rows": rows, "base": args.base, "image_size": args.image_size})

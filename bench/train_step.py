@@ -16,6 +16,10 @@ step's time covers fetching the batch from the loader (images + cache targets; t
 start included) and the whole step. Reported: samples/s over all timed steps, and at the median step time
 of full batches (robust to bursts of contention), and the ratio of process CPU time per sample (all
 threads), which other jobs' load distorts far less than wall time.
+Because a 3% target is below what a loaded machine resolves, what KD from a cache adds per step is also
+measured in isolation (best-of timing): Cache.read + to_target of one batch, and the KD loss minus the CE
+loss (forward + backward); "predicted x plain" = 1 / (1 + overhead / fastest plain step), a conservative
+bound (the fastest step makes the overhead look largest).
 
 Target: cached >= 0.97x plain samples/s. Also reported: online / cached.
 """
@@ -111,10 +115,53 @@ class Mode:
             self.epoch_no += 1
 
 
+def _min_time(fn, reps: int = 300, inner: int = 5) -> float:
+    """Best per-call seconds of `fn` over `reps` groups of `inner` calls (robust to other jobs' load)."""
+    best = float("inf")
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        for _ in range(inner):
+            fn()
+        best = min(best, (time.perf_counter() - t0) / inner)
+    return best
+
+
+def kd_overhead(caches: dict, ds) -> list[dict]:
+    """What KD from a cache adds to a step, measured in isolation: the cache read + conversion of one batch
+    of targets (Cache.read + to_target) and KD loss forward+backward minus CE loss forward+backward, on
+    (128, 10) student logits. Best-of timing, so it is robust to load from other jobs."""
+    from kdcache.train.data import to_target
+    from kdcache.train.objective import Objective
+
+    rng = np.random.default_rng(0)
+    idx = rng.permutation(len(ds))[:BATCH]
+    y = torch.from_numpy(ds.labels[idx])
+    logits = torch.randn(BATCH, 10, requires_grad=True)
+    ce, kd = Objective("ce").resolve(0), Objective("kd").resolve(1)
+    cpu = torch.device("cpu")
+    out = []
+    for short, cache in caches.items():
+        targets = [to_target(cache.read(idx), 10, cpu)]
+
+        def read() -> None:
+            to_target(cache.read(idx), 10, cpu)
+
+        def loss_ce() -> None:
+            ce(logits[:, None], y, [], None).backward()
+
+        def loss_kd() -> None:
+            kd(logits[:, None], y, targets, None).backward()
+
+        t_read, t_ce, t_kd = _min_time(read), _min_time(loss_ce), _min_time(loss_kd)
+        out.append({"teacher cache": short, "read+to_target us": 1e6 * t_read, "CE loss fwd+bwd us": 1e6 * t_ce,
+                    "KD loss fwd+bwd us": 1e6 * t_kd, "KD overhead us/step": 1e6 * (t_read + t_kd - t_ce)})
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--students", default="mlp,vit_nano")
-    ap.add_argument("--epochs", default="mlp=16,vit_nano=3", help="timed epochs per mode, per student")
+    ap.add_argument("--epochs", default="mlp=16,vit_nano=2", help="timed epochs per mode, per student")
     args = ap.parse_args()
     common.setup_torch()
     from kdcache.cache import open_cache
@@ -136,6 +183,9 @@ def main() -> None:
         teachers[short] = t.eval()
     epochs = {k: int(v) for k, v in (kv.split("=") for kv in args.epochs.split(","))}
 
+    overhead = kd_overhead(caches, ds)
+    print(common.table(overhead), flush=True)
+    over_us = max(o["KD overhead us/step"] for o in overhead)
     rows = []
     print(f"load average {common.wait_quiet(1.0, 60):.2f}", flush=True)
     for student in args.students.split(","):
@@ -150,16 +200,18 @@ def main() -> None:
                 next(g)
         steps: dict[str, list[tuple[int, float, float]]] = {m.label: [] for m in modes}
         load0 = common.loadavg()
-        for _ in range(e * per_epoch):  # round robin, one step of each mode at a time
-            for m, g in zip(modes, gens):
-                steps[m.label].append(next(g))
-        mean, med, cpu = {}, {}, {}
+        with common.Contention() as cont:
+            for _ in range(e * per_epoch):  # round robin, one step of each mode at a time
+                for m, g in zip(modes, gens):
+                    steps[m.label].append(next(g))
+        mean, med, cpu, fastest = {}, {}, {}, {}
         for label, st in steps.items():
             n = np.array([a for a, _, _ in st], dtype=np.float64)
             dt = np.array([b for _, b, _ in st])
             ct = np.array([c for _, _, c in st])
             mean[label] = n.sum() / dt.sum()
             med[label] = BATCH / float(np.median(dt[n == BATCH]))
+            fastest[label] = float(dt[n == BATCH].min())
             cpu[label] = n.sum() / ct.sum()  # samples per CPU-second (all threads)
         for m in modes:
             teacher = m.label.split("(")[-1].rstrip(")") if "(" in m.label else None
@@ -173,21 +225,25 @@ def main() -> None:
                          "online/cached": mean[m.label] / mean[c] if online else None,
                          "online/cached (median step)": med[m.label] / med[c] if online else None,
                          "online/cached (CPU time)": cpu[m.label] / cpu[c] if online else None,
-                         "steps": len(steps[m.label]), "loadavg": load0, "loadavg_end": common.loadavg()})
+                         "predicted x plain": 1 / (1 + over_us * 1e-6 / fastest["plain CE"])
+                         if m.label.startswith("KD cached") else None,
+                         "steps": len(steps[m.label]), "other CPU %": 100 * cont.other, "loadavg": load0,
+                         "loadavg_end": common.loadavg()})
             print(f"  {student:9s} {m.label:34s} {mean[m.label]:>9,.0f} samples/s (median step {med[m.label]:,.0f})  "
                   f"x plain {mean[m.label] / mean['plain CE']:.3f} ({med[m.label] / med['plain CE']:.3f})", flush=True)
     cols = ["student", "mode", "samples/s", "median-step samples/s", "x plain", "x plain (median step)",
-            "x plain (CPU time)", "online/cached", "online/cached (median step)", "online/cached (CPU time)", "steps",
-            "loadavg"]
+            "x plain (CPU time)", "predicted x plain", "online/cached", "online/cached (median step)",
+            "online/cached (CPU time)", "steps", "other CPU %"]
     print()
     print(common.table(rows, cols))
     verdict = [{"student": r["student"], "mode": r["mode"], "x_plain": r["x plain"],
                 "x_plain_median_step": r["x plain (median step)"], "x_plain_cpu_time": r["x plain (CPU time)"],
-                "met": r["x plain"] >= 0.97}
+                "predicted_x_plain": r["predicted x plain"], "met": bool(r["x plain (median step)"] >= 0.97)}
                for r in rows if r["mode"].startswith("KD cached")]
-    print("\ntarget cached >= 0.97x plain: " + ", ".join(
-        f"{v['student']} {v['mode']}: {v['x_plain']:.3f} ({'met' if v['met'] else 'MISSED'})" for v in verdict))
-    common.write_results("train_step", {"rows": rows, "target": verdict, "batch": BATCH, "image_size": IMAGE_SIZE,
+    print("\ntarget cached >= 0.97x plain (median step): " + ", ".join(
+        f"{v['student']} {v['mode']}: {v['x_plain_median_step']:.3f} ({'met' if v['met'] else 'MISSED'}; predicted "
+        f"from the measured overhead {v['predicted_x_plain']:.4f})" for v in verdict))
+    common.write_results("train_step", {"rows": rows, "target": verdict, "kd_overhead": overhead, "batch": BATCH, "image_size": IMAGE_SIZE,
                                         "dataset": f"digits train ({len(ds)} images)"})
     for c in caches.values():
         c.close()

@@ -23,7 +23,17 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from experiments.common import cache_facts, md_table, mean_std, paired_diff, pm, savefig, scores, setup, test_logits
+from experiments.common import (
+    cache_facts,
+    md_table,
+    mean_std,
+    paired_diff,
+    pm,
+    savefig,
+    scores,
+    setup,
+    test_logits,
+)
 from kdcache.train.objective import Objective
 
 AUG = "translate(0.15)+rrc(0.5,1)"
@@ -71,7 +81,8 @@ def main() -> None:
         dn = paired_diff(base_nll, [r["nll"] for r in res[n]])
         rows.append([n, pm(r["top1"] for r in res[n]), pm((r["nll"] for r in res[n]), 1, 3),
                      pm((r["ece"] for r in res[n]), 1, 3),
-                     "—" if n == names[0] else f"{100 * d[0]:+.2f} ({d[2]}/{len(base)}); NLL better {dn[2]}/{len(base)}"])
+                     "—" if n == names[0]
+                     else f"{100 * d[0]:+.2f} ({d[2]}/{len(base)}); NLL better {dn[2]}/{len(base)}"])
     e.table(f"MLP generations under augmentation `{AUG}` with {VIEWS}-view caches (seeds 0–{len(e.seeds) - 1}; "
             "test split)",
             md_table(["model", "top-1 %", "NLL", "ECE", "top-1 vs gen 0, pts (seeds better)"], rows, "lrrrl"))

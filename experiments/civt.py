@@ -25,7 +25,15 @@ from __future__ import annotations
 
 import numpy as np
 
-from experiments.common import cache_facts, head_scores, md_table, mean_std, pm, savefig, setup
+from experiments.common import (
+    cache_facts,
+    head_scores,
+    md_table,
+    mean_std,
+    pm,
+    savefig,
+    setup,
+)
 from kdcache.cache import open_cache
 from kdcache.train.objective import Objective
 

@@ -45,7 +45,7 @@ IMG = os.path.join(ROOT, "docs", "img")
 
 
 def setup(name: str, description: str, default_seeds: int = 3, argv: Sequence[str] | None = None,
-          settings: Sequence[str] | None = None) -> "Exp":
+          settings: Sequence[str] | None = None) -> Exp:
     """Parse the common flags, pin torch to few threads (the machine is shared) and return the experiment.
 
     `settings`: optional variants of the experiment (the first is the default); a run of variant V other than the
@@ -64,9 +64,10 @@ def setup(name: str, description: str, default_seeds: int = 3, argv: Sequence[st
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore")
     setting = getattr(args, "setting", None)
+    script = name
     if settings and setting != settings[0]:
         name = f"{name}_{setting}"
-    return Exp(name, args.seeds, args.keep_work, list(sys.argv), setting)
+    return Exp(name, args.seeds, args.keep_work, list(sys.argv), setting, script)
 
 
 @dataclass
@@ -78,6 +79,7 @@ class Exp:
     keep_work: bool
     argv: list[str]
     setting: str | None = None
+    script: str = ""
     t0: float = field(default_factory=time.perf_counter)
     data: dict = field(default_factory=dict)
     tables: list[tuple[str, str]] = field(default_factory=list)
@@ -141,16 +143,19 @@ class Exp:
         """Write results/<name>.json and results/<name>.md; remove the scratch dir unless --keep-work."""
         wall = time.perf_counter() - self.t0
         os.makedirs(RESULTS, exist_ok=True)
-        payload = {"experiment": self.name, "setting": self.setting, "command": " ".join(self.argv), "seeds": self.seeds,
+        payload = {"experiment": self.name, "setting": self.setting, "command": " ".join(self.argv),
+                   "seeds": self.seeds,
                    "torch_threads": torch.get_num_threads(), "wall_seconds": round(wall, 1),
                    "torch": torch.__version__, "data": self.data}
         with open(os.path.join(RESULTS, f"{self.name}.json"), "w") as f:
             json.dump(payload, f, indent=1, default=_json_default)
         with open(os.path.join(RESULTS, f"{self.name}.md"), "w") as f:
-            f.write(f"<!-- written by experiments/{self.name}.py; wall {wall:.0f} s, "
+            run = f"experiments/{self.script or self.name}.py"
+            if self.script and self.name != self.script:
+                run += f" --setting {self.setting}"
+            f.write(f"<!-- written by {run}; wall {wall:.0f} s, "
                     f"{len(self.seeds)} seed(s), {torch.get_num_threads()} torch thread(s) -->\n")
-            for title, md in self.tables:
-                f.write(f"\n**{title}**\n\n{md}\n")
+            f.writelines(f"\n**{title}**\n\n{md}\n" for title, md in self.tables)
         if not self.keep_work:
             shutil.rmtree(self.work, ignore_errors=True)
         self.log(f"done in {wall:.0f} s; wrote experiments/results/{self.name}.json and .md")

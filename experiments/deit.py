@@ -9,8 +9,8 @@ Objectives (kdtrain --loss / --distill-tokens):
 * soft + dist. token:   (1 - λ) CE(cls, y) + λ τ² KL_τ(teacher ‖ dist)
 * hard + dist. token:   ½ CE(cls, y) + ½ CE(dist, teacher argmax)  -- DeiT's recipe
 
-Token models are scored from the class head, the distillation head and their mean (kdtrain --head-mode mean, the
-inference DeiT uses).  One teacher (seed 0); students over seeds.  Two settings:
+Token models are scored from the class head, the distillation head and the mean of their logits (kdtrain
+--head-mode mean; DeiT adds the two softmaxes).  One teacher (seed 0); students over seeds.  Two settings:
 
 * plain (default): no augmentation, a 1-view cache of the train images.  The teacher is right on every train
   image, so "hard" is label training exactly (0.5 CE(y) + 0.5 CE(y) = CE(y), the same float operations): it runs on
@@ -26,9 +26,17 @@ inference DeiT uses).  One teacher (seed 0); students over seeds.  Two settings:
 from __future__ import annotations
 
 import numpy as np
-import torch
 
-from experiments.common import cache_facts, head_scores, md_table, mean_std, pm, savefig, setup, test_logits
+from experiments.common import (
+    cache_facts,
+    head_scores,
+    md_table,
+    mean_std,
+    pm,
+    savefig,
+    setup,
+    test_logits,
+)
 from kdcache.cache import open_cache
 from kdcache.train.objective import Objective
 

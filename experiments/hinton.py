@@ -20,7 +20,16 @@ from __future__ import annotations
 import numpy as np
 
 from experiments.common import (
-    OMITTED_CLASS, cache_facts, md_table, mean_std, paired_diff, pm, savefig, scores, setup, test_logits,
+    OMITTED_CLASS,
+    cache_facts,
+    md_table,
+    mean_std,
+    paired_diff,
+    pm,
+    savefig,
+    scores,
+    setup,
+    test_logits,
 )
 from kdcache.train.objective import Objective
 
@@ -85,8 +94,8 @@ def main() -> None:
              pm((r["test_ece"] for r in scratch), 1, 3), pm((r["test_nll"] for r in scratch), 1, 3), "—"],
             ["", f"MLP KD, best of grid (T={best[0]:g}, α={best[1]:g})", pm(r["test_top1"] for r in kd),
              pm((r["test_ece"] for r in kd), 1, 3), pm((r["test_nll"] for r in kd), 1, 3),
-             f"{100 * d_top1[0]:+.2f} pts (better on {d_top1[2]}/{len(seeds)}); "
-             f"NLL better on {d_nll[2]}/{len(seeds)}"],
+             (f"{100 * d_top1[0]:+.2f} pts (better on {d_top1[2]}/{len(seeds)}); "
+              f"NLL better on {d_nll[2]}/{len(seeds)}")],
         ]
 
     # ---------------------------------------------------------------- C: no 3s in the transfer set
@@ -103,8 +112,8 @@ def main() -> None:
         e.train(f"no3-scratch-{s}", seed=s, dataset=no3, **STUDENT)
         no3_res["scratch"].append(threes(f"no3-scratch-{s}"))
         for T in NO3_TS:
-            e.train(f"no3-T{T:g}-{s}", seed=s, caches=(caches["no3"],), objective=Objective("kd", NO3_ALPHA, T),
-                    **STUDENT)
+            e.train(f"no3-T{T:g}-{s}", seed=s, caches=(caches["no3"],), dataset=no3,
+                    objective=Objective("kd", NO3_ALPHA, T), **STUDENT)
             no3_res.setdefault(f"T={T:g}", []).append(threes(f"no3-T{T:g}-{s}"))
     e.data["no3"] = no3_res
     e.log("no-3 transfer set done")
@@ -147,7 +156,7 @@ def _plot(grids: dict, no3_res: dict) -> None:
 
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.8), gridspec_kw={"width_ratios": [1, 1, 1.1]})
     for ax, design in zip(axes[:2], ("seen", "held-out")):
-        grid, scratch0, best = grids[design]
+        grid, scratch0, _ = grids[design]
         m = np.array([[100 * grid[(T, a)]["test_top1"] for a in ALPHAS] for T in TS])
         d = m - 100 * scratch0["test_top1"]
         lim = max(1.0, np.abs(d).max())

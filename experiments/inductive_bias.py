@@ -21,7 +21,16 @@ from __future__ import annotations
 
 import numpy as np
 
-from experiments.common import cache_facts, md_table, mean_std, pm, savefig, scores, setup, test_logits
+from experiments.common import (
+    cache_facts,
+    md_table,
+    mean_std,
+    pm,
+    savefig,
+    scores,
+    setup,
+    test_logits,
+)
 from kdcache.train.objective import Objective
 
 TEACHER = dict(student="cnn_s", image_size=16, epochs=10)

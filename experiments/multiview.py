@@ -28,14 +28,26 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from experiments.common import cache_facts, md_table, mean_std, pm, savefig, scores, setup, test_logits
+from experiments.common import (
+    cache_facts,
+    md_table,
+    mean_std,
+    pm,
+    savefig,
+    scores,
+    setup,
+    test_logits,
+)
 from kdcache.cache import open_cache
 from kdcache.cache.sampler import ChunkAwareSampler
 from kdcache.data.datasets import open_dataset
 from kdcache.data.views import AugmentSpec, Preprocess, render, sample_views
 from kdcache.models import build_model
 from kdcache.train.data import to_target, view_for_epoch
-from kdcache.train.loop import TrainConfig, _optimizer  # the optimiser + warmup/cosine schedule kdtrain uses
+from kdcache.train.loop import (  # the optimiser + warmup/cosine schedule kdtrain uses
+    TrainConfig,
+    _optimizer,
+)
 from kdcache.train.losses import SoftTarget
 from kdcache.train.objective import Objective
 
@@ -117,7 +129,7 @@ def main() -> None:
         t_test, y = test_logits(teacher, SIZE)
         t_arg = t_test.argmax(1)
 
-        def score(model: torch.nn.Module) -> dict:
+        def score(model: torch.nn.Module, y: torch.Tensor = y, t_arg: torch.Tensor = t_arg) -> dict:
             logits, _ = test_logits(model, SIZE)
             return {**scores(logits, y), "agreement": float((logits.argmax(1) == t_arg).float().mean())}
 
@@ -174,14 +186,15 @@ def main() -> None:
     e.data["gap_closed"] = {"top1": g_top1, "nll": g_nll}
 
     t = teacher_rows
-    rows = [[f"teacher cnn_s (labels + aug)", pm(r["test_top1"] for r in t), pm((r["test_nll"] for r in t), 1, 3),
+    rows = [["teacher cnn_s (labels + aug)", pm(r["test_top1"] for r in t), pm((r["test_nll"] for r in t), 1, 3),
              pm((r["test_ece"] for r in t), 1, 3), "—"]]
     rows += [[f"MLP: {k}", pm(r["top1"] for r in res[k]), pm((r["nll"] for r in res[k]), 1, 3),
               pm((r["ece"] for r in res[k]), 1, 3), pm(r["agreement"] for r in res[k])] for k in conds]
     e.table(f"MLP student trained under augmentation `{AUG}`, {EPOCHS} epochs, KD T={KD.temperature:g} "
             f"α={KD.alpha:g} (seeds 0–{len(e.seeds) - 1}; test split)",
             md_table(["model / soft targets", "top-1 %", "NLL", "ECE", "agrees with teacher %"], rows))
-    e.table("Fraction of the gap between the un-augmented 1-view cache and online KD closed by augmented V-view caches: "
+    e.table("Fraction of the gap between the un-augmented 1-view cache and online KD closed by augmented V-view "
+            "caches: "
             "(V-view − un-augmented) / (online − un-augmented)",
             md_table(["cache", "top-1: pooled [90 % bootstrap]", "top-1: per seed %", "NLL: pooled [90 %]",
                       "NLL: per seed %"],
@@ -210,7 +223,9 @@ def _plot(res: dict, conds: list[str]) -> None:
             ax.scatter([x] * len(res[k]), [scale * r[metric] for r in res[k]], s=10, color="grey", zorder=3)
         ax.errorbar(xs, [m for m, _ in ms], yerr=[s for _, s in ms], fmt="o-", color="tab:blue", capsize=4,
                     zorder=4)
-        ax.set_xticks(xs, [c.replace(" cache", "\ncache").replace("un-augmented ", "plain\n").replace("augmented ", "aug.\n") for c in conds],
+        ticks = [c.replace(" cache", "\ncache").replace("un-augmented ", "plain\n").replace("augmented ", "aug.\n")
+                 for c in conds]
+        ax.set_xticks(xs, ticks,
                       fontsize=8)
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)

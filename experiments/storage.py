@@ -63,7 +63,7 @@ def _distortion(full: str, topk: str) -> dict[str, float]:
 
 def main() -> None:
     e = setup("storage", __doc__.splitlines()[0])
-    kd = lambda mode: Objective("kd", ALPHA, T, topk_mode=mode)  # noqa: E731
+    kd = lambda mode: Objective("kd", ALPHA, T, topk_mode=mode)
     conds = ["full", *[f"top-{k} {m}" for k in KS for m in ("tail", "renorm")]]
     res: dict[str, list[dict]] = {"labels only": [], **{c: [] for c in conds}}
     caches_info: dict[str, list[dict]] = {}

@@ -141,8 +141,11 @@ def test_two_teachers_with_distillation_tokens(cache_dir, tmp_path):
                         "--lambdas", "0.3,0.2", "--taus", "2,4", "--epochs", "1", "--out", str(out), *FAST])
     m = json.load(open(out / "metrics.json"))
     assert len(m["teachers"]) == 2 and m["config"]["objective"]["lambdas"] == [0.3, 0.2]
-    sd = torch.load(out / "last.pt", weights_only=True)["model"]
-    assert sd["tokens"].shape[1] == 3  # class token + one per teacher
+    ck = torch.load(out / "last.pt", weights_only=True)
+    assert ck["model"]["tokens"].shape[1] == 3  # class token + one per teacher
+    assert ck["arch_args"] == {"distill_tokens": 2, "head_mode": "mean"}  # as built, so it can be rebuilt
+    _run(kdcache_main, ["dump", "--teacher", "vit_nano", "--weights", str(out / "last.pt"), "--image-size", "16",
+                        "--out", str(tmp_path / "from-student.zarr"), "--quiet"])
 
 
 def test_resume_continues_to_the_same_result(cache_dir, tmp_path):
@@ -188,6 +191,8 @@ def test_kdtrain_errors_are_one_clean_line(cache_dir, tmp_path):
     assert "no cache at" in msg
     msg = _error(kdtrain_main, ["--loss", "kd", *o])
     assert "needs a teacher" in msg
+    msg = _error(kdtrain_main, ["--cache", str(cache_dir / "train-full.zarr"), "--augment", "flip", *o])
+    assert "--augment applies only without a cache" in msg
 
 
 def test_kdtrain_refuses_a_partial_cache(cache_dir, tmp_path):

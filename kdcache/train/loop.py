@@ -102,7 +102,8 @@ def _optimizer(cfg: TrainConfig, model: torch.nn.Module, steps: int) -> tuple[to
     return opt, torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
 
 
-def _student(cfg: TrainConfig, num_classes: int, image_size: int, n_teachers: int) -> torch.nn.Module:
+def _student_kwargs(cfg: TrainConfig, n_teachers: int) -> dict:
+    """The builder options exactly as used (recorded in checkpoints, so `kdcache dump` rebuilds the same net)."""
     kwargs = dict(cfg.student_args)
     if cfg.distill_tokens:
         if n_teachers == 0:
@@ -110,7 +111,7 @@ def _student(cfg: TrainConfig, num_classes: int, image_size: int, n_teachers: in
         kwargs["distill_tokens"] = n_teachers
     if cfg.head_mode != "cls":
         kwargs["head_mode"] = cfg.head_mode
-    return build_model(cfg.student, num_classes=num_classes, image_size=image_size, **kwargs)
+    return kwargs
 
 
 class HeadsView(torch.nn.Module):
@@ -216,10 +217,15 @@ def _run(cfg: TrainConfig, d: Dist, device: torch.device) -> dict:
             check_alignment([test_cache], test_ds)
         pre = Preprocess(image_size or default_image_size(max(train_ds.info.base_shape[1:])))
         objective = cfg.objective.resolve(len(caches))
-        model = _student(cfg, train_ds.info.num_classes, pre.image_size, len(caches)).to(device)
+        student_args = _student_kwargs(cfg, len(caches))
+        model = build_model(cfg.student, num_classes=train_ds.info.num_classes, image_size=pre.image_size,
+                            **student_args).to(device)
         if device.type == "cuda":
             model = model.to(memory_format=torch.channels_last)
         augment = AugmentSpec.parse(cfg.augment) if cfg.augment != "none" else None
+        if augment is not None and caches:
+            raise KDCacheError("--augment applies only without a cache (a cache's soft targets belong to the views "
+                               "it stored): dump the teacher with --views V --augment SPEC and train from that")
         loader = PairedLoader(train_ds, caches, cfg.batch_size, cfg.seed, cfg.num_workers, device,
                               augment=augment, rank=d.rank, world_size=d.world_size)
         opt, sched = _optimizer(cfg, model, cfg.epochs * len(loader))
@@ -231,7 +237,7 @@ def _run(cfg: TrainConfig, d: Dist, device: torch.device) -> dict:
         step = _Step(net, objective, opt, sched, scaler, pre, device, cfg.clip,
                      torch.Generator(device=device).manual_seed(cfg.seed + d.rank), cfg.mixup,
                      np.random.default_rng([cfg.seed, d.rank]))
-        meta = {"student": cfg.student, "student_args": dict(cfg.student_args),
+        meta = {"student": cfg.student, "student_args": student_args,
                 "num_classes": train_ds.info.num_classes, "image_size": pre.image_size,
                 "params": param_count(model), "dataset": spec, "world_size": d.world_size,
                 "teachers": [{"cache": c.path, **c.attrs["teacher"]} for c in caches]}
