@@ -23,7 +23,7 @@ class DemoConfig:
     teacher_args: tuple[tuple[str, object], ...] = (("width", 16),)
     teacher_epochs: int = 15
     students: tuple[tuple[str, tuple[tuple[str, object], ...]], ...] = (
-        ("mlp", (("hidden", (256, 256)),)), ("vit_nano", ()))
+        ("mlp", (("hidden", (256, 256)),)), ("vit_nano", (("patch_size", 8),)))
     student_epochs: int = 20
     image_size: int = 32
     topk: int = 3
