@@ -16,7 +16,7 @@ from kdcache.cache.store import Store, open_store, path_exists, staging_path
 from kdcache.errors import KDCacheError
 
 PER_VIEW = ("values", "indices", "tail", "views")
-DEFAULT_LRU_BYTES = 32 << 20
+DEFAULT_LRU_BYTES = 16 << 20
 
 
 @dataclass(frozen=True)
