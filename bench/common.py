@@ -133,6 +133,27 @@ class Contention:
         self.steal = round((steal - self.steal0) / (dt * ncpu), 3)
 
 
+QUIET = 0.10  # a measurement counts as clean when other processes used at most 10% of the machine
+
+
+def quiet_gate(max_other: float = QUIET, window_s: float = 1.0, timeout_s: float = 90.0) -> float:
+    """Wait until other processes use at most `max_other` of the machine over a `window_s` window (at
+    most `timeout_s`); returns the last share seen. Timings are taken in such quiet windows when they come."""
+    t0 = time.perf_counter()
+    while True:
+        with Contention() as c:
+            time.sleep(window_s)
+        if c.other <= max_other or time.perf_counter() - t0 > timeout_s:
+            return c.other
+
+
+def clean(values: Sequence[float], others: Sequence[float], max_other: float = QUIET) -> tuple[list[float], bool]:
+    """The values measured while other processes used <= max_other of the machine, if there are at least
+    two; else all of them and False (the result is then flagged as contended)."""
+    ok = [v for v, o in zip(values, others) if o <= max_other]
+    return (ok, True) if len(ok) >= 2 else (list(values), False)
+
+
 def median(xs: Sequence[float]) -> float:
     return float(np.median(np.asarray(xs, dtype=np.float64)))
 

@@ -166,6 +166,7 @@ def main() -> None:
         for backend, path in (("zarr", z["path"]), ("hdf5", h["path"])):
             print(f"[{name} {backend}] n={n:,}", flush=True)
             res = {}
+            common.quiet_gate()
             cont = common.Contention().__enter__()
             if backend == "zarr":
                 res["naive"] = naive_zarr(path, n, args.seconds, rng)

@@ -16,14 +16,14 @@ from bench import common  # noqa: E402
 COLUMNS = {
     "reader": ("rows", ["cache", "N", "backend", "reader", "samples/s", "x naive", "x chunked", "note",
                         "other CPU %"]),
-    "rss": ("rows", ["N", "mode", "peak_rss_mb", "delta_vs_smallest_mb", "maxrss_incl_exit_mb", "maxrss_delta_mb",
-                     "end_rss_mb", "train_s", "train_samples_per_s", "other CPU %"]),
+    "rss": ("rows", ["N", "mode", "peak_rss_mb", "peak min-max", "delta_vs_smallest_mb", "maxrss_incl_exit_mb",
+                     "maxrss_delta_mb", "end_rss_mb", "train_s", "train_samples_per_s", "runs", "other CPU %"]),
     "train_step": ("rows", ["student", "mode", "samples/s", "median-step samples/s", "x plain",
                             "x plain (median step)", "x plain (CPU time)", "predicted x plain", "online/cached",
                             "online/cached (median step)", "online/cached (CPU time)", "steps", "other CPU %"]),
     "dump_throughput": ("throughput", ["teacher", "dataset", "N", "bare samples/s", "dump samples/s", "dump/bare",
                                        "dump/bare (best)", "dump/bare (CPU time)", "loop/bare", "loop/bare (best)",
-                                       "fixed s", "finalize s", "other CPU %"]),
+                                       "fixed s", "finalize s", "pairs used", "other CPU %"]),
     "scaling": ("rows", ["stage", "scale", "N", "wall_s", "cpu_s", "x time vs 1x", "samples/s", "marginal samples/s",
                          "marginal samples/CPU-s", "epoch samples/s", "peak_rss_mb", "peak +MB vs 1x", "cache_mb",
                          "other CPU %"]),
@@ -40,7 +40,7 @@ def main() -> None:
             print(f"## {name}: no results yet\n")
             continue
         d = json.loads(path.read_text())
-        key, cols = COLUMNS[name]
+        key, cols = COLUMNS[name.split("_repeat")[0]]
         print(f"## {name}\n\n`{d['command']}` at {d['when']} (1-min load average at end {d.get('loadavg_1min_at_end')})\n")
         print(common.machine_line(d["machine"]) + "\n")
         rows = d[key]

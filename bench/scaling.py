@@ -6,7 +6,8 @@ Each step is the real CLI in a subprocess (peak RSS = that child's ru_maxrss, fr
   kdtrain --cache WORK/synth_sN.zarr --dataset bench.synthdata:synthetic --student mlp --student-arg hidden=(64,) --epochs 1 --batch-size 512 \
           --cache-ram R --quiet --no-plots --out WORK/run_sN --overwrite
 with R = 0 (streaming) and R = 1GiB (kdtrain's default: the cache is loaded whole when it fits).
-cnn_s has random weights (speed only). KDBENCH_N sets N. The marginal rate (16x - 1x samples over the
+cnn_s has random weights (speed only). Each run starts in a quiet window (bench/common.py quiet_gate) and
+records the share of the machine other processes used meanwhile ("other CPU %"). KDBENCH_N sets N. The marginal rate (16x - 1x samples over the
 time difference) removes fixed start-up costs (imports, teacher load, evaluation on the fixed 2,000-sample
 test split).
 """
@@ -42,7 +43,6 @@ def main() -> None:
     torch.save(build_model("cnn_s", num_classes=10, image_size=args.image_size).state_dict(), weights)
     env0 = {"PYTHONPATH": str(common.REPO)}
     rows = []
-    print(f"load average {common.wait_quiet(1.0, 60):.2f}", flush=True)
     for s in (int(x) for x in args.scales.split(",")):
         n = args.base * s
         env = {**env0, "KDBENCH_N": str(n)}
@@ -51,6 +51,7 @@ def main() -> None:
                "--dataset", "bench.synthdata:synthetic", "--image-size", str(args.image_size),
                "--out", str(cache), "--overwrite", "--quiet"]
         load = common.loadavg()
+        common.quiet_gate()
         with common.Contention() as cont:
             r = common.run_measured(cmd, env=env, log=wd / f"dump_s{s}.txt")
         if r["rc"]:
@@ -66,6 +67,7 @@ def main() -> None:
                    "hidden=(64,)", "--epochs", "1", "--batch-size", "512", "--cache-ram", ram, "--quiet",
                    "--no-plots", "--out", str(out), "--overwrite"]
             load = common.loadavg()
+            common.quiet_gate()
             with common.Contention() as cont:
                 r = common.run_measured(cmd, env=env, log=wd / f"train_s{s}_{ram}.txt")
             if r["rc"]:
