@@ -12,7 +12,7 @@
 import os
 import sys
 
-import kdcache.cache.reader as reader
+from kdcache.cache import reader
 from kdcache.cli import kdtrain_main
 
 

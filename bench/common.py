@@ -47,7 +47,7 @@ def setup_torch(threads: int = THREADS) -> None:
 # --------------------------------------------------------------------------- machine / versions
 def _lscpu_model() -> str:
     try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10, check=False).stdout
         for line in out.splitlines():
             if line.startswith("Model name:"):
                 return line.split(":", 1)[1].strip()
@@ -84,7 +84,7 @@ def machine_line(info: dict) -> str:
 class Timer:
     """`with Timer() as t: ...` then t.s (seconds, perf_counter)."""
 
-    def __enter__(self) -> "Timer":
+    def __enter__(self) -> Timer:
         self.t0 = time.perf_counter()
         return self
 
@@ -110,7 +110,7 @@ def _cpu_busy_s() -> tuple[float, float]:
     with open("/proc/stat") as f:
         v = [int(x) for x in f.readline().split()[1:]]
     hz = os.sysconf("SC_CLK_TCK")
-    user, nice, system, idle, iowait, irq, softirq, steal = (v + [0] * 8)[:8]
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (v + [0] * 8)[:8]
     return (user + nice + system + irq + softirq) / hz, steal / hz
 
 
@@ -120,7 +120,7 @@ class Contention:
     CPU time minus this process's and its waited-for children's, over elapsed x cores. Other engineers'
     jobs share this machine, so every timing records it."""
 
-    def __enter__(self) -> "Contention":
+    def __enter__(self) -> Contention:
         self.t0, (self.busy0, self.steal0), self.own0 = time.perf_counter(), _cpu_busy_s(), sum(os.times()[:4])
         return self
 
@@ -161,7 +161,7 @@ def median(xs: Sequence[float]) -> float:
 # --------------------------------------------------------------------------- tables and results
 def _fmt(v: object) -> str:
     if isinstance(v, float):
-        if v != v:
+        if math.isnan(v):
             return "nan"
         if abs(v) >= 1000:
             return f"{v:,.0f}"
@@ -182,7 +182,7 @@ def table(rows: list[dict], columns: Sequence[str] | None = None) -> str:
     cols = list(columns or rows[0].keys())
     cells = [[_fmt(r.get(c)) for c in cols] for r in rows]
     widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(cols)]
-    line = lambda xs: "| " + " | ".join(x.ljust(w) for x, w in zip(xs, widths)) + " |"  # noqa: E731
+    line = lambda xs: "| " + " | ".join(x.ljust(w) for x, w in zip(xs, widths)) + " |"
     out = [line(cols), "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
     out += [line(r) for r in cells]
     return "\n".join(out)
@@ -194,16 +194,18 @@ def command_line() -> str:
 
 
 def write_results(name: str, payload: dict) -> Path:
-    """Write bench/results/<name>.json with the machine, the command and the time, and return the path."""
-    RESULTS.mkdir(parents=True, exist_ok=True)
+    """Write bench/results/<name>.json (or $KDBENCH_RESULTS/<name>.json) with the machine, the command and
+    the time, and return the path."""
+    results = Path(os.environ.get("KDBENCH_RESULTS", RESULTS))  # e.g. a scratch folder for smoke runs
+    results.mkdir(parents=True, exist_ok=True)
     out = {
         "benchmark": name, "command": command_line(),
         "when": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "machine": machine_info(), "loadavg_1min_at_end": loadavg(), **payload,
     }
-    path = RESULTS / f"{name}.json"
+    path = results / f"{name}.json"
     path.write_text(json.dumps(out, indent=2, default=_json_default) + "\n")
-    print(f"\nwrote {path.relative_to(REPO)}")
+    print(f"\nwrote {path}")
     return path
 
 
@@ -263,7 +265,13 @@ class PrototypeTeacher:
 def cache_attrs(layout, compressor: str, *, dataset: dict, image_size: int, teacher: str, command: str) -> dict:
     """A full kdcache attribute dict, structured as kdcache/cache/dump.py `_build_attrs` builds it."""
     from kdcache import __version__
-    from kdcache.cache.format import FORMAT_NAME, FORMAT_VERSION, STATUS_PARTIAL, TAIL_DEFINITION, VIEW_FIELDS
+    from kdcache.cache.format import (
+        FORMAT_NAME,
+        FORMAT_VERSION,
+        STATUS_PARTIAL,
+        TAIL_DEFINITION,
+        VIEW_FIELDS,
+    )
     from kdcache.data.views import AugmentSpec, Preprocess
 
     pre, aug = Preprocess(image_size), AugmentSpec()
@@ -290,7 +298,7 @@ def synthetic_dataset_attrs(labels: np.ndarray, num_classes: int, spec: str = "s
     """Dataset identity for a cache that no dataset will be aligned against (reader benchmarks)."""
     lab = np.ascontiguousarray(labels, dtype="<i8")
     h = hashlib.sha256(b"bench-synthetic\0" + np.int64(len(lab)).tobytes() + lab.tobytes()).hexdigest()
-    return {"spec": spec, "split": split, "n": int(len(lab)), "num_classes": num_classes,
+    return {"spec": spec, "split": split, "n": len(lab), "num_classes": num_classes,
             "class_names": [str(i) for i in range(num_classes)], "base_shape": [1, 8, 8],
             "fingerprint": "sha256:" + h, "labels_sha256": hashlib.sha256(lab.tobytes()).hexdigest(),
             "labelled": int((lab >= 0).sum())}
@@ -321,7 +329,12 @@ def make_cache(path: str | Path, *, labels: np.ndarray, num_classes: int, k: int
     from kdcache.cache.dump import _targets
     from kdcache.cache.finalize import finalize
     from kdcache.cache.format import Layout, default_chunk_rows
-    from kdcache.cache.store import backend_for, create_zarr, default_compressor, staging_path
+    from kdcache.cache.store import (
+        backend_for,
+        create_zarr,
+        default_compressor,
+        staging_path,
+    )
     from kdcache.cache.writer import ChunkWriter, Rows
     from kdcache.data.views import identity_views
 

@@ -36,10 +36,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
+import numpy as np
+import torch
 
-from bench import common  # noqa: E402
+from bench import common
 
 TEACHERS = {"cnn_s": "cnn_s", "cifar_resnet10_w16": "bench.synthdata:cifar_resnet10_w16"}
 ZARR = ("blosc-zstd", "blosc-lz4", "zstd", "gzip", "none")
@@ -51,9 +51,9 @@ BATCH = 256
 class PhaseTimer:
     """Wrap dump._run_chunks and finalize.finalize to time the phases of run_dump."""
 
-    def __enter__(self) -> "PhaseTimer":
-        import kdcache.cache.dump as dump
+    def __enter__(self) -> PhaseTimer:
         import kdcache.cache.finalize as fin
+        from kdcache.cache import dump
 
         self.times: dict[str, float] = {}
         self._orig = (dump._run_chunks, fin.finalize)
@@ -72,8 +72,8 @@ class PhaseTimer:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        import kdcache.cache.dump as dump
         import kdcache.cache.finalize as fin
+        from kdcache.cache import dump
 
         dump._run_chunks, fin.finalize = self._orig
 
@@ -139,8 +139,8 @@ def throughput(wd: Path, reps: int, tiled_n: int) -> list[dict]:
             keep = [i for i, o in enumerate(others) if o <= common.QUIET]
             clean = len(keep) >= 2
             keep = keep if clean else list(range(reps))
-            pick = lambda xs: [xs[i] for i in keep]  # noqa: E731
-            bare, dump, loop, fin, bare_cpu, dump_cpu = map(pick, (bare, dump, loop, fin, bare_cpu, dump_cpu))
+            bare, dump, loop, fin, bare_cpu, dump_cpu = ([xs[i] for i in keep]
+                                                        for xs in (bare, dump, loop, fin, bare_cpu, dump_cpu))
             b, d, lp = common.median(bare), common.median(dump), common.median(loop)
             rows.append({"teacher": short, "dataset": ds_label, "N": n, "bare samples/s": b,
                          "dump samples/s": d, "dump/bare": d / b, "dump/bare (best)": max(dump) / max(bare),

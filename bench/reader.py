@@ -27,9 +27,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import numpy as np  # noqa: E402
+import numpy as np
 
-from bench import common  # noqa: E402
+from bench import common
 
 BATCH = 128
 LRU = 64 << 20

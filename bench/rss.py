@@ -29,7 +29,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
-from bench import common  # noqa: E402
+from bench import common
 
 TARGET_MB = 64
 SPEC = "bench.synthdata:synthetic"

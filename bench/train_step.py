@@ -35,10 +35,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
+import numpy as np
+import torch
 
-from bench import common  # noqa: E402
+from bench import common
 
 TEACHERS = {"cnn_s": "cnn_s", "cifar_resnet10_w16": "bench.synthdata:cifar_resnet10_w16"}
 IMAGE_SIZE = 32
@@ -145,13 +145,13 @@ def kd_overhead(caches: dict, ds) -> list[dict]:
     for short, cache in caches.items():
         targets = [to_target(cache.read(idx), 10, cpu)]
 
-        def read() -> None:
+        def read(cache=cache) -> None:
             to_target(cache.read(idx), 10, cpu)
 
         def loss_ce() -> None:
             ce(logits[:, None], y, [], None).backward()
 
-        def loss_kd() -> None:
+        def loss_kd(targets=targets) -> None:
             kd(logits[:, None], y, targets, None).backward()
 
         t_read, t_ce, t_kd = _min_time(read), _min_time(loss_ce), _min_time(loss_kd)
