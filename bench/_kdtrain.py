@@ -12,16 +12,11 @@
 import os
 import sys
 
+from bench import common
 from kdcache.cache import reader
 from kdcache.cli import kdtrain_main
 
 
-def _status(key: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(key + ":"):
-                return int(line.split()[1]) * 1024
-    return -1
 
 
 if __name__ == "__main__":
@@ -33,4 +28,4 @@ if __name__ == "__main__":
     finally:
         if os.environ.get("KDBENCH_HWM_FILE"):
             with open(os.environ["KDBENCH_HWM_FILE"], "w") as f:
-                f.write(f"{_status('VmHWM')} {_status('VmRSS')}")
+                f.write(f"{common.proc_status_bytes('VmHWM')} {common.proc_status_bytes('VmRSS')}")

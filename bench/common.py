@@ -497,3 +497,12 @@ def venv_bin(name: str) -> str:
 
 def mib(b: float) -> float:
     return b / 2**20
+
+
+def proc_status_bytes(key: str) -> int:
+    """A byte figure of this process from /proc/self/status (e.g. VmRSS, VmHWM); -1 when absent."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) * 1024
+    return -1

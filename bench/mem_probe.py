@@ -25,12 +25,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench import common
 
 
-def _status(key: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(key + ":"):
-                return int(line.split()[1]) * 1024
-    return -1
 
 
 def _reset_peak() -> None:
@@ -52,10 +46,10 @@ def train_phases(n: int, lru_mb: float) -> list[dict]:
 
     def phase(name, fn):
         _reset_peak()
-        r0 = _status("VmRSS")
+        r0 = common.proc_status_bytes("VmRSS")
         x = fn()
-        out.append({"N": n, "lru_mb": lru_mb, "phase": name, "peak +MB": (_status("VmHWM") - r0) / 1e6,
-                    "kept +MB": (_status("VmRSS") - r0) / 1e6})
+        out.append({"N": n, "lru_mb": lru_mb, "phase": name, "peak +MB": (common.proc_status_bytes("VmHWM") - r0) / 1e6,
+                    "kept +MB": (common.proc_status_bytes("VmRSS") - r0) / 1e6})
         return x
 
     cache = phase("open_cache", lambda: open_cache(path, lru_bytes=int(lru_mb * 2**20)))
@@ -85,18 +79,18 @@ def dump_phases(n: int) -> dict:
     orig = dump._run_chunks
 
     def run_chunks(*a, **k):
-        marks["rss_before_loop"] = _status("VmRSS")
+        marks["rss_before_loop"] = common.proc_status_bytes("VmRSS")
         _reset_peak()
         r = orig(*a, **k)
-        marks["peak_in_loop"], marks["rss_after_loop"] = _status("VmHWM"), _status("VmRSS")
+        marks["peak_in_loop"], marks["rss_after_loop"] = common.proc_status_bytes("VmHWM"), common.proc_status_bytes("VmRSS")
         return r
 
     dump._run_chunks = run_chunks
     dump.run_dump(dump.DumpConfig(teacher="cnn_s", weights=str(w), dataset="bench.synthdata:synthetic",
                                   image_size=16, out=str(wd / f"d{n}.zarr"), overwrite=True, progress=False))
-    before = _status("VmRSS")
+    before = common.proc_status_bytes("VmRSS")
     ctypes.CDLL("libc.so.6").malloc_trim(0)
-    trimmed = before - _status("VmRSS")
+    trimmed = before - common.proc_status_bytes("VmRSS")
     lay = Layout(n=n, n_views=1, num_classes=10, k=None, value_dtype="float16", chunk_rows=min(16384, n))
     tracemalloc.start()
     batches = dump._chunk_batches(lay, list(range(lay.n_chunks)), 256)
