@@ -8,7 +8,7 @@ random weights, at 32 px, full fp16 logits into Zarr (blosc-zstd), batch 256, on
   dump   kdcache.cache.dump.run_dump(DumpConfig(..., progress=False)), whole call (teacher load + weights
          sha256 + dataset fingerprint + inference + writer + finalize); its `_run_chunks` (inference loop +
          writer thread + flush) and `finalize` phases are timed by wrapping them (no kdcache file changed)
-  bare   the same DataLoader over the same chunk-aligned batches (dump._chunk_batches), render + teacher
+  bare   the same DataLoader over the same chunk-aligned batches (dump.ChunkBatches), render + teacher
          forward under inference_mode, nothing kept or written
 Runs alternate (bare, dump, bare, dump, ...), each pair started in a quiet window (bench/common.py
 quiet_gate: other processes using <= 10% of the machine, waiting at most 90 s); pairs during which other
@@ -82,7 +82,7 @@ def bare_inference(cfg) -> tuple[int, float, float]:
     """render + teacher forward over the dump's own loader and batches; returns (samples, wall s, CPU s)."""
     from torch.utils.data import DataLoader
 
-    from kdcache.cache.dump import _chunk_batches, _load_teacher, default_image_size
+    from kdcache.cache.dump import ChunkBatches, _load_teacher, default_image_size
     from kdcache.cache.format import Layout, default_chunk_rows
     from kdcache.data.datasets import open_dataset
     from kdcache.data.views import Preprocess, identity_views, render
@@ -92,7 +92,7 @@ def bare_inference(cfg) -> tuple[int, float, float]:
     layout = Layout(n=len(ds), n_views=1, num_classes=ds.info.num_classes, k=cfg.topk, value_dtype=cfg.dtype,
                     chunk_rows=min(default_chunk_rows(cfg.topk or ds.info.num_classes, 1, cfg.dtype), len(ds)))
     teacher, _ = _load_teacher(cfg, ds.info.num_classes, pre.image_size, torch.device("cpu"))
-    batches = _chunk_batches(layout, list(range(layout.n_chunks)), cfg.batch_size)
+    batches = ChunkBatches(layout, list(range(layout.n_chunks)), cfg.batch_size)
     loader = DataLoader(ds, batch_sampler=batches, num_workers=0)
     n = 0
     t0, c0 = time.perf_counter(), time.process_time()

@@ -5,8 +5,8 @@ and dataset): open_cache (streaming, LRU 64 MiB and 8 MiB) -> open_dataset -> ch
 PairedLoader batches (no model). Each phase: VmHWM growth over the RSS at its start (the peak is reset
 with /proc/self/clear_refs) and the RSS it leaves behind.
 Part 2 -- run_dump of cnn_s (random weights, 16 px) on bench.synthdata:synthetic for N = 8,192 and
-524,288: RSS before and after dump._run_chunks, the dump's peak, the size of dump._chunk_batches' list
-(tracemalloc), and the RSS given back by malloc_trim(0) afterwards.
+524,288: RSS before and after dump._run_chunks, the dump's peak, what iterating dump.ChunkBatches (the
+dump's batch_sampler) holds at its peak (tracemalloc), and the RSS given back by malloc_trim(0) afterwards.
 Each N runs in a fresh subprocess of this script.
 """
 
@@ -93,15 +93,15 @@ def dump_phases(n: int) -> dict:
     trimmed = before - common.proc_status_bytes("VmRSS")
     lay = Layout(n=n, n_views=1, num_classes=10, k=None, value_dtype="float16", chunk_rows=min(16384, n))
     tracemalloc.start()
-    batches = dump._chunk_batches(lay, list(range(lay.n_chunks)), 256)
-    list_bytes = tracemalloc.get_traced_memory()[0]
+    for _ in dump.ChunkBatches(lay, list(range(lay.n_chunks)), 256):
+        pass
+    list_bytes = tracemalloc.get_traced_memory()[1]
     tracemalloc.stop()
-    del batches
     mb = lambda b: b / 1e6
     return {"N": n, "RSS before loop MB": mb(marks["rss_before_loop"]),
             "peak in loop MB": mb(marks["peak_in_loop"]), "loop peak +MB": mb(marks["peak_in_loop"] - marks["rss_before_loop"]),
             "RSS after loop MB": mb(marks["rss_after_loop"]), "malloc_trim gave back MB": mb(trimmed),
-            "_chunk_batches list MB": mb(list_bytes), "list B/sample": list_bytes / n}
+            "ChunkBatches peak MB": mb(list_bytes), "batches B/sample": list_bytes / n}
 
 
 def main() -> None:

@@ -86,6 +86,8 @@ def kdcache_main() -> None:
 @click.option("--augment", default="none", show_default=True, help="View spec, e.g. 'rrc(0.35,1)+flip' or "
               "'translate(0.1)'.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the view sampler.")
+@click.option("--rows", default=None, metavar="START:STOP", help="Dump only dataset rows START..STOP-1 (a range "
+              "cache); 'kdcache join' makes one cache of the ranges.")
 @click.option("--resume", is_flag=True, help="Finish a partial cache written by the same command.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing cache at --out.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
@@ -300,6 +302,20 @@ def merge(caches: tuple[str, ...], out: str, mode: str, temperature: float, weig
     w = _floats(weights, "--weights")
     run(list(caches), out, mode, temperature, list(w) if w else None, overwrite, _command_line())
     click.echo(f"wrote {out}")
+
+
+@kdcache_main.command()
+@click.argument("caches", nargs=-1, required=True)
+@click.option("--out", required=True, help="The joined cache (.zarr or .h5).")
+@click.option("--overwrite", is_flag=True)
+@clean_errors
+def join(caches: tuple[str, ...], out: str, overwrite: bool) -> None:
+    """Join caches of one dump over disjoint --rows ranges into one cache."""
+    from kdcache.cache.join import join as run
+
+    start, stop, n = run(list(caches), out, overwrite, _command_line())
+    span = "all of the dataset" if (start, stop) == (0, n) else f"a range cache; the dataset has {n}"
+    click.echo(f"wrote {out} (rows {start}:{stop}, {span})")
 
 
 kdcache_main.add_command(kdtrain_main, "train")

@@ -34,6 +34,8 @@ CACHES = {
     "h5-full-f32-2views": (".h5", ["--dtype", "float32", "--views", "2", "--augment", AUG, "--chunk-rows", "500"]),
     "h5-top4-2views-lzf": (".h5", ["--topk", "4", "--views", "2", "--augment", AUG, "--chunk-rows", "500",
                                    "--compressor", "lzf"]),
+    "zarr-rows-f32-2views": (".zarr", ["--dtype", "float32", "--views", "2", "--augment", AUG, "--chunk-rows", "500",
+                                       "--rows", "500:1200"]),
 }
 PAIRS = {"zarr-top3-test": "zarr-full-f32-test", "h5-top4-2views-lzf": "h5-full-f32-2views"}
 
@@ -192,7 +194,14 @@ def test_layout(caches, name):
     assert isinstance(pre["image_size"], int) and len(pre["mean"]) == 3 and len(pre["std"]) == 3
     d = a["dataset"]
     assert isinstance(d["spec"], str) and d["split"] in ("train", "test")
-    assert d["n"] == n and d["num_classes"] == c
+    rows = a.get("rows")  # a range cache holds dataset samples rows.start … rows.stop − 1
+    if rows is None:
+        assert d["n"] == n
+    else:
+        assert isinstance(rows["start"], int) and isinstance(rows["stop"], int)
+        assert rows["stop"] - rows["start"] == n and 0 <= rows["start"] and rows["stop"] <= d["n"]
+        assert a["dump"]["rows"] == [rows["start"], rows["stop"]]
+    assert d["num_classes"] == c
     assert len(d["class_names"]) == c and all(isinstance(s, str) for s in d["class_names"])
     assert len(d["base_shape"]) == 3 and all(isinstance(s, int) for s in d["base_shape"])
     assert re.fullmatch(r"sha256:[0-9a-f]{64}", d["fingerprint"])
@@ -201,7 +210,7 @@ def test_layout(caches, name):
     assert vw["fields"] == ["y0", "x0", "h", "w", "flip"]
     assert isinstance(vw["augment"], str) and isinstance(vw["augment_spec"], dict) and isinstance(vw["seed"], int)
     assert set(a["dump"]) >= {"teacher", "weights_sha256", "dataset", "split", "fingerprint", "topk", "dtype",
-                              "image_size", "batch_size", "chunk_rows", "views", "augment", "seed"}
+                              "image_size", "batch_size", "chunk_rows", "views", "augment", "seed", "rows"}
     assert a["dump"]["topk"] == a["k"] and a["dump"]["chunk_rows"] == a["chunk_rows"]
     assert a["dump"]["fingerprint"] == d["fingerprint"]
     assert isinstance(a["created"], str) and re.match(r"\d{4}-\d\d-\d\dT\d\d:\d\d", a["created"])
@@ -232,17 +241,17 @@ def test_layout(caches, name):
     assert all(store[x][1] for x in expected if x not in ("done", "checksum")) == (a["compressor"] != "none")
     assert (arrays["done"] == 1).all()
 
-    # --- chunk rows: --chunk-rows if given, else the ~1 MiB rule, at most N
+    # --- chunk rows: --chunk-rows if given, else the ~1 MiB rule, at most the dataset's size
     if "--chunk-rows" in CACHES[name][1]:
-        assert r == min(int(CACHES[name][1][CACHES[name][1].index("--chunk-rows") + 1]), n)
+        assert r == min(int(CACHES[name][1][CACHES[name][1].index("--chunk-rows") + 1]), d["n"])
     else:
         itemsize = np.dtype(a["value_dtype"]).itemsize
-        assert r == min(n, min(max(2 ** math.floor(math.log2(2**20 / (w * itemsize))), 256), 16384))
+        assert r == min(d["n"], min(max(2 ** math.floor(math.log2(2**20 / (w * itemsize))), 256), 16384))
 
     # --- labels and views
     labels = arrays["labels"]
-    assert hashlib.sha256(labels.astype("<i8").tobytes()).hexdigest() == d["labels_sha256"]
-    assert d["labelled"] == int((labels >= 0).sum()) and labels.max() < c and labels.min() >= -1
+    assert hashlib.sha256(labels.astype("<i8").tobytes()).hexdigest() == (rows or d)["labels_sha256"]
+    assert (rows is not None or d["labelled"] == int((labels >= 0).sum())) and labels.max() < c and labels.min() >= -1
     views = arrays["views"]
     if vw["augment"] == "none":
         np.testing.assert_array_equal(views, np.broadcast_to(np.float32([0, 0, 1, 1, 0]), (n, v, 5)))
@@ -322,6 +331,16 @@ def test_topk_matches_full_logits(caches, name):
     np.testing.assert_allclose(top["tail"], _logsumexp(rest), rtol=1e-5, atol=1e-5)
 
 
+def test_range_cache_rows_are_the_whole_caches_rows(caches):
+    """A range cache's row i is dataset sample rows.start + i: the same bytes as the whole dump's row."""
+    part, a, _ = _open(caches["zarr-rows-f32-2views"])
+    whole, wa, _ = _open(caches["h5-full-f32-2views"])
+    start, stop = a["rows"]["start"], a["rows"]["stop"]
+    assert wa.get("rows") is None and a["dataset"] == wa["dataset"] and a["chunk_rows"] == wa["chunk_rows"]
+    for name in ("values", "labels", "views"):
+        np.testing.assert_array_equal(part[name], whole[name][start:stop], err_msg=name)
+
+
 def _doc_blocks() -> list[str]:
     return re.findall(r"```python\n(.*?)```", FORMAT_MD.read_text(), flags=re.S)
 
@@ -331,9 +350,9 @@ def test_format_md_documents_every_array_and_key():
     for word in ("values", "indices", "tail", "labels", "views", "done", "checksum", "format", "version",
                  "status", "kind", "num_classes", "n_views", "chunk_rows", "value_dtype", "index_dtype",
                  "compressor", "teacher", "dataset", "dump", "created", "tool", "command", "stats",
-                 "teacher_top1", "mean_entropy", "topk_mass"):
+                 "teacher_top1", "mean_entropy", "topk_mass", "rows", "start", "stop", "join", "merge"):
         assert f"`{word}`" in text, word
-    assert "65504" in text and "## Changelog" in text and "1.0" in text
+    assert "65504" in text and "## Changelog" in text and "1.0" in text and "**1.1**" in text
     assert len(_doc_blocks()) == 3
 
 

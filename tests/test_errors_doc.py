@@ -230,6 +230,17 @@ BAD_INPUTS = {
     "dump-num-workers-negative": ("kdcache", _dump("--num-workers", "-1"), ["--num-workers"],
                                   [_bug("cache/dump.py passes --num-workers -1 to DataLoader: ValueError "
                                         "traceback; refuse num_workers < 0")]),
+    "dump-rows-empty": ("kdcache", _dump("--rows", "9:9"), ["--rows 9:9 is empty"]),
+    "dump-rows-not-a-range": ("kdcache", _dump("--rows", "half"), ["--rows takes START:STOP"]),
+    # join / merge
+    "join-one-cache": ("kdcache", ["join", "{d}/c.zarr", "--out", "{d}/j.zarr"], ["at least two"]),
+    "join-onto-an-input": ("kdcache", ["join", "{d}/c.zarr", "{d}/c.zarr", "--out", "{d}/c.zarr"],
+                           ["one of the caches being read"]),
+    "merge-onto-an-input": ("kdcache", ["merge", "{d}/c.zarr", "{d}/c.zarr", "--out", "{d}/c.zarr", "--overwrite"],
+                            ["one of the caches being read"],
+                            [_bug("cache/merge.py removed an existing --out with --overwrite before reading: "
+                                  "merge a b --out a --overwrite destroyed input a; refuse an output that is an "
+                                  "input")]),
     # info / verify
     "info-missing": ("kdcache", ["info", "{d}/missing.zarr"], ["no cache at"]),
     "info-bad-suffix": ("kdcache", ["info", "{d}/a-file"], ["cannot tell"]),

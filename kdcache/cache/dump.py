@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import datetime
-import hashlib
+from collections.abc import Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass, field, replace
 
@@ -21,6 +21,8 @@ from kdcache.cache.format import (
     VIEW_FIELDS,
     Layout,
     default_chunk_rows,
+    labels_sha256,
+    parse_rows,
 )
 from kdcache.cache.lock import WriteLock
 from kdcache.cache.store import (
@@ -33,6 +35,7 @@ from kdcache.cache.store import (
     is_url,
     open_store,
     path_exists,
+    read_attrs,
     remove_tree,
     staging_path,
 )
@@ -69,6 +72,7 @@ class DumpConfig:
     views: int = 1
     augment: str = "none"
     seed: int = 0
+    rows: str | None = None
     resume: bool = False
     overwrite: bool = False
     progress: bool = True
@@ -76,7 +80,7 @@ class DumpConfig:
 
 
 RESUME_KEYS = ("teacher", "weights_sha256", "dataset", "split", "fingerprint", "topk", "dtype", "image_size",
-               "batch_size", "chunk_rows", "views", "augment", "seed")
+               "batch_size", "chunk_rows", "views", "augment", "seed", "rows")
 
 
 def default_image_size(base_hw: int) -> int:
@@ -84,31 +88,32 @@ def default_image_size(base_hw: int) -> int:
     return 32 if base_hw <= 32 else 224
 
 
-def _chunk_batches(layout: Layout, chunks: list[int], batch_size: int) -> list[list[int]]:
-    """Batches that never cross a chunk boundary, split the same way whatever chunks remain (resume)."""
-    out = []
-    for c in chunks:
-        sl = layout.chunk_slice(c)
-        out += [list(range(s, min(s + batch_size, sl.stop))) for s in range(sl.start, sl.stop, batch_size)]
-    return out
+class ChunkBatches:
+    """Dataset indices in batches that never cross a chunk boundary, made lazily (no per-sample list).
 
+    Batches split the same way whatever chunks remain, so a resumed dump computes the same rows.
+    `offset` is the dataset row of cache row 0 (a range cache's `--rows` start).
+    """
 
-def _attrs_of(path: str) -> dict:
-    """The kdcache attributes at `path`, or {} when it is not a readable cache."""
-    try:
-        store = open_store(path, "r")
-    except KDCacheError:
-        return {}
-    try:
-        return store.attrs
-    except Exception:  # a foreign store's attributes may not even be JSON
-        return {}
-    finally:
-        store.close()
+    def __init__(self, layout: Layout, chunks: list[int], batch_size: int, offset: int = 0) -> None:
+        self.layout, self.chunks, self.batch_size, self.offset = layout, chunks, batch_size, offset
 
+    def __iter__(self) -> Iterator[range]:
+        for c in self.chunks:
+            sl = self.layout.chunk_slice(c)
+            for s in range(sl.start, sl.stop, self.batch_size):
+                yield range(self.offset + s, self.offset + min(s + self.batch_size, sl.stop))
 
-def _format_of(path: str) -> str | None:
-    return _attrs_of(path).get("format")
+    def __len__(self) -> int:
+        return sum(-(-self._rows(c) // self.batch_size) for c in self.chunks)
+
+    @property
+    def rows(self) -> int:
+        return sum(self._rows(c) for c in self.chunks)
+
+    def _rows(self, c: int) -> int:
+        sl = self.layout.chunk_slice(c)
+        return sl.stop - sl.start
 
 
 def _prepare_target(cfg: DumpConfig, layout: Layout, attrs: dict, compressor: str) -> None:
@@ -117,11 +122,11 @@ def _prepare_target(cfg: DumpConfig, layout: Layout, attrs: dict, compressor: st
     if path_exists(final) and final != stage:  # a finished HDF5 file
         if not cfg.overwrite:
             raise KDCacheError(f"{final} already exists: pass --overwrite to replace it, or choose another --out")
-        if _format_of(final) != FORMAT_NAME:
+        if read_attrs(final).get("format") != FORMAT_NAME:
             raise KDCacheError(f"{final} exists and is not a kdcache cache: refusing to touch it; "
                                "choose another --out")
     if path_exists(stage):
-        old = _attrs_of(stage)
+        old = read_attrs(stage)
         if old.get("format") != FORMAT_NAME:
             raise KDCacheError(f"{stage} exists and is not a kdcache cache: refusing to touch it; choose another --out")
         if cfg.resume and old.get("status") == STATUS_PARTIAL:
@@ -145,8 +150,8 @@ def _prepare_target(cfg: DumpConfig, layout: Layout, attrs: dict, compressor: st
 
 
 def _build_attrs(cfg: DumpConfig, ds: SourceDataset, layout: Layout, teacher_id: dict, pre: Preprocess,
-                 aug: AugmentSpec, fp: str, compressor: str) -> dict:
-    labels = np.ascontiguousarray(ds.labels, dtype="<i8")
+                 aug: AugmentSpec, fp: str, compressor: str, rows: tuple[int, int]) -> dict:
+    whole = rows == (0, len(ds))
     return {
         "format": FORMAT_NAME, "version": FORMAT_VERSION, "status": STATUS_PARTIAL, **layout.to_attrs(),
         "tail": TAIL_DEFINITION if layout.k else None,
@@ -157,13 +162,16 @@ def _build_attrs(cfg: DumpConfig, ds: SourceDataset, layout: Layout, teacher_id:
         "dataset": {"spec": ds.info.spec, "split": ds.info.split, "n": len(ds),
                     "num_classes": ds.info.num_classes,
                     "class_names": list(ds.info.class_names), "base_shape": list(ds.info.base_shape),
-                    "fingerprint": fp, "labels_sha256": hashlib.sha256(labels.tobytes()).hexdigest(),
+                    "fingerprint": fp, "labels_sha256": labels_sha256(ds.labels),
                     "labelled": int((ds.labels >= 0).sum())},
+        "rows": None if whole else {"start": rows[0], "stop": rows[1],
+                                    "labels_sha256": labels_sha256(ds.labels[rows[0]:rows[1]])},
         "views": {"fields": list(VIEW_FIELDS), "augment": str(aug), "augment_spec": aug.to_json(), "seed": cfg.seed},
         "dump": {"teacher": cfg.teacher, "weights_sha256": teacher_id.get("sha256"), "dataset": ds.info.spec,
                  "split": ds.info.split, "fingerprint": fp, "topk": cfg.topk, "dtype": cfg.dtype,
                  "image_size": pre.image_size, "batch_size": cfg.batch_size, "chunk_rows": layout.chunk_rows,
-                 "views": cfg.views, "augment": str(aug), "seed": cfg.seed},
+                 "views": cfg.views, "augment": str(aug), "seed": cfg.seed,
+                 "rows": None if whole else list(rows)},
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "tool": f"kdcache {__version__}",
         "command": cfg.command,
@@ -211,7 +219,9 @@ def run_dump(cfg: DumpConfig) -> str:
     ds = open_dataset(cfg.dataset, cfg.split, cfg.data_root, cfg.download)
     num_classes = ds.info.num_classes
     pre = Preprocess(cfg.image_size or default_image_size(max(ds.info.base_shape[1:])))
-    layout = Layout(n=len(ds), n_views=cfg.views, num_classes=num_classes, k=cfg.topk, value_dtype=cfg.dtype,
+    rows = parse_rows(cfg.rows, len(ds))
+    # chunk_rows depends on the dataset, not the range, so range caches chunk like the whole dump would.
+    layout = Layout(n=rows[1] - rows[0], n_views=cfg.views, num_classes=num_classes, k=cfg.topk, value_dtype=cfg.dtype,
                     chunk_rows=min(cfg.chunk_rows or default_chunk_rows(cfg.topk or num_classes, cfg.views, cfg.dtype),
                                    len(ds)))
     if cfg.out.lower().endswith(".zip"):
@@ -224,7 +234,7 @@ def run_dump(cfg: DumpConfig) -> str:
     try:
         device = d.device(requested)
         teacher, ident = _load_teacher(cfg, num_classes, pre.image_size, device)
-        attrs = _build_attrs(cfg, ds, layout, ident, pre, aug, fingerprint(ds), compressor)
+        attrs = _build_attrs(cfg, ds, layout, ident, pre, aug, fingerprint(ds), compressor, rows)
         with ExitStack() as stack:
             def prepare() -> None:
                 if not is_url(cfg.out):  # rank 0 holds the lock for the whole job
@@ -236,8 +246,9 @@ def run_dump(cfg: DumpConfig) -> str:
             done = np.asarray(store["done"][...], dtype=bool)
             # Each rank takes every world_size-th unfinished chunk: resumable whatever the earlier world size.
             todo = [c for c in range(layout.n_chunks) if not done[c]][d.rank::d.world_size]
-            _run_chunks(replace(cfg, progress=cfg.progress and d.main), teacher, ds, layout, store, todo, pre, aug,
-                        device)
+            batches = ChunkBatches(layout, todo, cfg.batch_size, offset=rows[0])
+            _run_chunks(replace(cfg, progress=cfg.progress and d.main), teacher, ds, layout, store, batches, pre,
+                        aug, device)
             d.barrier()
             d.on_main(lambda: finalize.finalize(store, cfg.out, compressor))
         if staging_path(cfg.out) != cfg.out:
@@ -248,16 +259,14 @@ def run_dump(cfg: DumpConfig) -> str:
 
 
 def _run_chunks(cfg: DumpConfig, teacher: torch.nn.Module, ds: SourceDataset, layout: Layout, store: Store,
-                todo: list[int], pre: Preprocess, aug: AugmentSpec, device: torch.device) -> None:
-    batches = _chunk_batches(layout, todo, cfg.batch_size)
+                batches: ChunkBatches, pre: Preprocess, aug: AugmentSpec, device: torch.device) -> None:
     loader = DataLoader(ds, batch_sampler=batches, num_workers=cfg.num_workers,
                         pin_memory=device.type == "cuda", persistent_workers=False)
     value_dtype = getattr(torch, cfg.dtype)
     cuda = device.type == "cuda"
     writer = ChunkWriter(store, layout)
-    rows_todo = sum(len(b) for b in batches)
     try:
-        with progress(total=rows_todo, desc=f"dump {cfg.teacher}", unit="sample", enable=cfg.progress) as bar, \
+        with progress(total=batches.rows, desc=f"dump {cfg.teacher}", unit="sample", enable=cfg.progress) as bar, \
                 torch.inference_mode():
             for images, labels, idx in loader:
                 idx_np = idx.numpy()
@@ -281,7 +290,7 @@ def _run_chunks(cfg: DumpConfig, teacher: torch.nn.Module, ds: SourceDataset, la
                     ready = event.synchronize
                 arrays["labels"] = labels.numpy().astype(np.int64)
                 arrays["views"] = views
-                writer.put(Rows(start=int(idx_np[0]), arrays=arrays, ready=ready))
+                writer.put(Rows(start=int(idx_np[0]) - batches.offset, arrays=arrays, ready=ready))
                 bar.update(len(idx_np))
     finally:
         writer.close()

@@ -6,6 +6,7 @@ a cache with plain zarr/h5py to hold the two to each other.
 
 from __future__ import annotations
 
+import hashlib
 import zlib
 from dataclasses import dataclass
 
@@ -14,7 +15,7 @@ import numpy as np
 from kdcache.errors import KDCacheError
 
 FORMAT_NAME = "kdcache"
-FORMAT_VERSION = "1.0"
+FORMAT_VERSION = "1.1"
 ATTR_KEY = "kdcache"
 VIEW_FIELDS = ("y0", "x0", "h", "w", "flip")
 STATUS_PARTIAL = "partial"
@@ -110,6 +111,34 @@ class Layout:
         return cls(n=int(a["n"]), n_views=int(a["n_views"]), num_classes=int(a["num_classes"]),
                    k=None if a["k"] is None else int(a["k"]), value_dtype=a["value_dtype"],
                    chunk_rows=int(a["chunk_rows"]))
+
+
+def labels_sha256(labels: np.ndarray) -> str:
+    """Hex SHA-256 of labels as little-endian int64 (the `labels_sha256` attributes)."""
+    return hashlib.sha256(memoryview(np.ascontiguousarray(labels, dtype="<i8"))).hexdigest()
+
+
+def row_range(attrs: dict) -> tuple[int, int]:
+    """The dataset rows [start, stop) a cache holds: its `rows` (a range cache, 1.1+), else all N."""
+    r = attrs.get("rows")
+    return (0, int(attrs["n"])) if r is None else (int(r["start"]), int(r["stop"]))
+
+
+def parse_rows(text: str | None, n: int) -> tuple[int, int]:
+    """`--rows START:STOP` (either end may be omitted) as a checked [start, stop) range of an n-sample dataset."""
+    if text is None:
+        return 0, n
+    a, sep, b = text.partition(":")
+    try:
+        if not sep:
+            raise ValueError
+        start, stop = int(a) if a.strip() else 0, int(b) if b.strip() else n
+    except ValueError:
+        raise KDCacheError(f"--rows takes START:STOP (e.g. 0:50000), got {text!r}") from None
+    if not 0 <= start < stop <= n:
+        raise KDCacheError(f"--rows {text} is empty or outside the dataset's {n} samples: "
+                           f"use START:STOP with 0 <= START < STOP <= {n}")
+    return start, stop
 
 
 CHECKSUM_ORDER = ("values", "indices", "tail", "views")

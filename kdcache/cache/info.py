@@ -35,7 +35,9 @@ def summary(cache: Cache) -> dict:
         warnings.append(f"partial cache: {int(done.sum())} of {len(done)} chunks written; finish it with --resume")
     return {
         "path": cache.path, "format": f"{a['format']} {a['version']}", "status": a["status"],
-        "n": cache.n, "num_classes": cache.num_classes, "kind": cache.kind, "k": cache.k, "n_views": cache.n_views,
+        "n": cache.n, "rows": [a["rows"]["start"], a["rows"]["stop"]] if a.get("rows") else None,
+        "dataset_n": a["dataset"]["n"], "num_classes": cache.num_classes, "kind": cache.kind, "k": cache.k,
+        "n_views": cache.n_views,
         "value_dtype": a["value_dtype"], "compressor": a.get("compressor"), "chunk_rows": a["chunk_rows"],
         "bytes_on_disk": size, "bytes_per_sample": None if size is None else size / cache.n,
         "decoded_bytes": cache.decoded_bytes(),
@@ -44,7 +46,7 @@ def summary(cache: Cache) -> dict:
         "mean_entropy": stats.get("mean_entropy"), "topk_mass": stats.get("topk_mass"),
         "image_size": a["teacher"]["preprocess"]["image_size"],
         "dataset": a["dataset"]["spec"], "split": a["dataset"]["split"], "fingerprint": a["dataset"]["fingerprint"],
-        "labelled": a["dataset"].get("labelled"), "class_names": a["dataset"]["class_names"],
+        "labelled": int((cache.labels >= 0).sum()), "class_names": a["dataset"]["class_names"],
         "augment": a["views"]["augment"], "seed": a["views"]["seed"],
         "created": a["created"], "tool": a["tool"], "command": a["command"], "warnings": warnings,
     }
@@ -74,6 +76,12 @@ def _cell(text: object) -> str:
     return _safe(text).replace("|", "\\|").replace("`", "'")
 
 
+def _rows(s: dict) -> str:
+    if s["rows"] is None:
+        return f"all {s['n']}"
+    return f"{s['rows'][0]}:{s['rows'][1]} of {s['dataset_n']} (a range cache: join the ranges before training)"
+
+
 def as_text(s: dict) -> str:
     """Aligned `key: value` lines for the terminal."""
     kind = "full logits" if s["kind"] == "full" else f"top-{s['k']} logits + tail"
@@ -89,6 +97,7 @@ def as_text(s: dict) -> str:
         ("mean entropy", "n/a" if s["mean_entropy"] is None else f"{s['mean_entropy']:.4f} nats"),
         ("top-k mass", _pct(s["topk_mass"]) if s["kind"] == "topk" else "1 (full logits)"),
         ("dataset", f"{s['dataset']} [{s['split']}], {s['fingerprint'][:23]}…"),
+        ("rows", _rows(s)),
         ("classes", ", ".join(names[:10]) + (f", … ({len(names)} in all)" if len(names) > 10 else "")),
         ("views", f"augment {s['augment']}, seed {s['seed']}"),
         ("created", f"{s['created']} by {s['tool']}"),
@@ -107,7 +116,8 @@ def as_markdown(s: dict) -> str:
     rows = [
         ("Teacher", f"`{s['teacher']}` ({s['teacher_params'] or '?'} parameters, input {s['image_size']} px)"),
         ("Weights", f"{s['teacher_weights'].get('source', '?')}, sha256 `{s['teacher_weights'].get('sha256')}`"),
-        ("Dataset", f"`{s['dataset']}` split `{s['split']}`, {s['n']} samples, {s['num_classes']} classes"),
+        ("Dataset", f"`{s['dataset']}` split `{s['split']}`, {s['dataset_n']} samples, {s['num_classes']} classes"),
+        ("Rows", _rows(s)),
         ("Fingerprint", f"`{s['fingerprint']}`"),
         ("Teacher top-1 on this split", _pct(s["teacher_top1"])),
         ("Contents", f"{s['kind']}" + (f" (k={s['k']}, mean mass kept {_pct(s['topk_mass'])})" if s['k'] else "")

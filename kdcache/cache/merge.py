@@ -17,19 +17,10 @@ import numpy as np
 import torch
 
 from kdcache import __version__
-from kdcache.cache import finalize
-from kdcache.cache.format import FORMAT_NAME, FORMAT_VERSION, STATUS_PARTIAL, Layout, default_chunk_rows
+from kdcache.cache.derive import check_target, derived_cache
+from kdcache.cache.format import FORMAT_NAME, FORMAT_VERSION, Layout, default_chunk_rows
 from kdcache.cache.reader import Cache, CacheBatch, open_cache
-from kdcache.cache.store import (
-    backend_for,
-    create_zarr,
-    default_compressor,
-    ensure_parent,
-    is_url,
-    path_exists,
-    remove_tree,
-)
-from kdcache.cache.writer import ChunkWriter, Rows
+from kdcache.cache.writer import Rows
 from kdcache.errors import KDCacheError
 
 MODES = ("mean-prob", "mean-logit")
@@ -62,8 +53,8 @@ def _check_members(caches: list[Cache]) -> None:
             if a != b:
                 raise KDCacheError(f"cannot merge {first.path} and {other.path}: dataset {key} differs "
                                    f"({str(a)[:40]} vs {str(b)[:40]}); merge caches of the same dataset and split")
-        for key in ("n_views",):
-            if first.attrs[key] != other.attrs[key]:
+        for key in ("n_views", "rows"):
+            if first.attrs.get(key) != other.attrs.get(key):
                 raise KDCacheError(f"cannot merge {first.path} and {other.path}: {key} differs")
         if first.attrs["views"]["augment"] != other.attrs["views"]["augment"] or \
                 first.attrs["views"]["seed"] != other.attrs["views"]["seed"]:
@@ -71,22 +62,22 @@ def _check_members(caches: list[Cache]) -> None:
 
 
 def _attrs(caches: list[Cache], layout: Layout, mode: str, temperature: float, weights: list[float],
-           compressor: str, command: str) -> dict:
+           command: str) -> dict:
     members = [{"path": c.path, "teacher": c.attrs["teacher"]["name"],
                 "weights_sha256": c.attrs["teacher"]["weights"].get("sha256"), "kind": c.kind, "k": c.k}
                for c in caches]
     digest = hashlib.sha256("".join(str(m["weights_sha256"]) for m in members).encode()).hexdigest()
     first = caches[0].attrs
     return {
-        "format": FORMAT_NAME, "version": FORMAT_VERSION, "status": STATUS_PARTIAL, **layout.to_attrs(),
-        "tail": first.get("tail") if layout.k else None, "compressor": compressor,
+        "format": FORMAT_NAME, "version": FORMAT_VERSION, **layout.to_attrs(),
+        "tail": first.get("tail") if layout.k else None,
         "teacher": {"name": "ensemble(" + "+".join(m["teacher"] for m in members) + ")",
                     "weights": {"source": "merge", "sha256": digest}, "params": None,
                     "preprocess": first["teacher"]["preprocess"], "arch_args": {},
                     "members": members},
         "merge": {"mode": mode, "temperature": temperature, "weights": weights,
                   "topk_rule": "dropped logits = tail − log(C−k) (tail spread evenly)"},
-        "dataset": first["dataset"], "views": first["views"],
+        "dataset": first["dataset"], "rows": first.get("rows"), "views": first["views"],
         "dump": {"merge_of": [m["path"] for m in members]},
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "tool": f"kdcache {__version__}", "command": command,
@@ -104,12 +95,7 @@ def merge(paths: list[str], out: str, mode: str = "mean-prob", temperature: floa
     if len(weights) != len(paths) or any(w < 0 for w in weights) or sum(weights) <= 0:
         raise KDCacheError(f"--weights needs {len(paths)} non-negative numbers, one per cache")
     weights = [w / sum(weights) for w in weights]
-    backend = backend_for(out)
-    if is_url(out) and backend != "zarr":
-        raise KDCacheError(f"cannot write HDF5 at a URL ({out}): merge to a .zarr, or write HDF5 locally")
-    ensure_parent(out)
-    if path_exists(out) and not overwrite:
-        raise KDCacheError(f"{out} already exists: pass --overwrite to replace it, or choose another --out")
+    check_target(out, paths, "merge")
     with ExitStack() as stack:
         caches = [stack.enter_context(open_cache(p)) for p in paths]
         _check_members(caches)
@@ -118,15 +104,8 @@ def merge(paths: list[str], out: str, mode: str = "mean-prob", temperature: floa
         k = max(topks) if topks else None
         layout = Layout(c0.n, c0.n_views, c0.num_classes, k, "float16",
                         min(default_chunk_rows(k or c0.num_classes, c0.n_views, "float16"), c0.n))
-        compressor = default_compressor(backend)
-        stage = out if backend == "zarr" else out + ".partial.zarr"
-        for p in {out, stage}:
-            if path_exists(p):
-                remove_tree(p)
-        attrs = _attrs(caches, layout, mode, temperature, weights, compressor, command)
-        store = create_zarr(stage, layout, compressor if backend == "zarr" else "none", attrs)
-        writer = ChunkWriter(store, layout)
-        try:
+        attrs = _attrs(caches, layout, mode, temperature, weights, command)
+        with derived_cache(out, layout, attrs, overwrite) as writer:
             for c in range(layout.n_chunks):
                 sl = layout.chunk_slice(c)
                 idx = np.arange(sl.start, sl.stop)
@@ -146,8 +125,3 @@ def merge(paths: list[str], out: str, mode: str = "mean-prob", temperature: floa
                     arrays |= {"values": vals.half().numpy(), "indices": ind.int().numpy(),
                                "tail": z.scatter(-1, ind, float("-inf")).logsumexp(-1).numpy()}
                 writer.put(Rows(start=sl.start, arrays=arrays))
-        finally:
-            writer.close()
-        finalize.finalize(store, out, compressor)
-    if stage != out:
-        remove_tree(stage)

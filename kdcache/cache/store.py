@@ -192,6 +192,27 @@ def open_store(path: str, mode: str = "r") -> Store:
                            "run 'kdcache verify' on it or dump it again") from None
 
 
+def read_attrs(path: str) -> dict:
+    """The kdcache attributes at `path`, or {} when nothing readable as a cache is there."""
+    try:
+        store = open_store(path, "r")
+    except KDCacheError:
+        return {}
+    try:
+        return store.attrs
+    except Exception:  # a foreign store's attributes may not even be JSON
+        return {}
+    finally:
+        store.close()
+
+
+def same_path(a: str, b: str) -> bool:
+    """True when two cache paths name the same place (local paths resolved; URLs compared as written)."""
+    if is_url(a) or is_url(b):
+        return a.rstrip("/") == b.rstrip("/")
+    return os.path.realpath(a) == os.path.realpath(b)
+
+
 def create_zarr(path: str, layout: Layout, compressor: str, attrs: dict) -> Store:
     """Create an empty Zarr v3 cache group with every array of `layout` (done all zero)."""
     import zarr

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
-
 import numpy as np
 
 from kdcache.cache.format import (
@@ -11,6 +9,7 @@ from kdcache.cache.format import (
     STATUS_COMPLETE,
     Layout,
     check_version,
+    labels_sha256,
     view_checksum,
 )
 from kdcache.cache.store import Store, open_store
@@ -35,8 +34,16 @@ def _schema(attrs: dict) -> list[str]:
         return problems
     if attrs["status"] != STATUS_COMPLETE:
         problems.append(f"attributes: status is {attrs['status']!r}, not 'complete' (finish it with --resume)")
-    if isinstance(attrs.get("dataset"), dict) and attrs["dataset"].get("n") != attrs["n"]:
-        problems.append(f"attributes: dataset.n {attrs['dataset'].get('n')} differs from n {attrs['n']}")
+    rows = attrs.get("rows")
+    if rows is None:
+        if isinstance(attrs.get("dataset"), dict) and attrs["dataset"].get("n") != attrs["n"]:
+            problems.append(f"attributes: dataset.n {attrs['dataset'].get('n')} differs from n {attrs['n']}")
+    elif not (isinstance(rows, dict) and all(type(rows.get(k)) is int for k in ("start", "stop"))):
+        problems.append("attributes: rows should be null or an object with int start and stop")
+    elif not (0 <= rows["start"] and rows["stop"] - rows["start"] == attrs["n"]
+              and rows["stop"] <= attrs["dataset"].get("n", -1)):
+        problems.append(f"attributes: rows {rows['start']}:{rows['stop']} do not hold n={attrs['n']} samples "
+                        f"of a dataset of {attrs['dataset'].get('n')}")
     return problems
 
 
@@ -114,9 +121,10 @@ def verify(path: str) -> tuple[list[str], dict]:
         labels = np.asarray(store["labels"][...], dtype="<i8")
         if labels.size and (labels.min() < -1 or labels.max() >= layout.num_classes):
             problems.append(f"labels: values outside [-1, {layout.num_classes})")
-        want = attrs["dataset"].get("labels_sha256")
-        if want and hashlib.sha256(labels.tobytes()).hexdigest() != want:
-            problems.append("labels: sha256 differs from dataset.labels_sha256 in the attributes")
+        key, want = ("rows", attrs["rows"].get("labels_sha256")) if attrs.get("rows") else \
+            ("dataset", attrs["dataset"].get("labels_sha256"))
+        if want and labels_sha256(labels) != want:
+            problems.append(f"labels: sha256 differs from {key}.labels_sha256 in the attributes")
         return problems, {"chunks": int(done.sum()), "views": layout.n_views, "n": layout.n}
     finally:
         store.close()

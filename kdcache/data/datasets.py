@@ -340,7 +340,7 @@ def fingerprint(ds: SourceDataset, n_probe: int = 64) -> str:
     h = hashlib.sha256()
     h.update(b"kdcache-dataset-v1\0")
     h.update(np.int64(n).astype("<i8").tobytes())
-    h.update(np.ascontiguousarray(ds.labels, dtype="<i8").tobytes())
+    h.update(memoryview(np.ascontiguousarray(ds.labels, dtype="<i8")))  # no copy of int64 labels
     for i in _probe_indices(n, n_probe):
         raw = ds.raw_bytes(int(i))
         h.update(np.asarray([i, len(raw)], dtype="<i8").tobytes())

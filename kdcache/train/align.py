@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import hashlib
-
-import numpy as np
-
+from kdcache.cache.format import labels_sha256, row_range
 from kdcache.cache.reader import Cache
 from kdcache.data.datasets import SourceDataset, fingerprint
 from kdcache.errors import KDCacheError
@@ -13,9 +10,8 @@ from kdcache.errors import KDCacheError
 
 def dataset_identity(ds: SourceDataset) -> dict:
     """The fields a cache records about its dataset, computed from the dataset itself."""
-    labels = np.ascontiguousarray(ds.labels, dtype="<i8")
     return {"n": len(ds), "num_classes": ds.info.num_classes, "class_names": list(ds.info.class_names),
-            "fingerprint": fingerprint(ds), "labels_sha256": hashlib.sha256(labels.tobytes()).hexdigest()}
+            "fingerprint": fingerprint(ds), "labels_sha256": labels_sha256(ds.labels)}
 
 
 def check_alignment(caches: list[Cache], ds: SourceDataset) -> None:
@@ -27,6 +23,11 @@ def check_alignment(caches: list[Cache], ds: SourceDataset) -> None:
             done = int(cache.done_map().sum())
             raise KDCacheError(f"{cache.path} is a partial cache ({done} of {cache.layout.n_chunks} chunks): "
                                "finish it with 'kdcache dump ... --resume' before training from it")
+        if cache.attrs.get("rows"):
+            start, stop = row_range(cache.attrs)
+            raise KDCacheError(f"{cache.path} holds only rows {start}:{stop} of the {cache.attrs['dataset']['n']} "
+                               "samples (a range cache): join the ranges into one cache with 'kdcache join' "
+                               "before training from it")
         recorded = cache.attrs["dataset"]
         for key, value in ident.items():
             if recorded.get(key) != value:

@@ -1,0 +1,107 @@
+"""`kdcache join`: one cache from caches of one dump over disjoint, adjacent `--rows` ranges.
+
+Members must agree on everything but their rows (teacher, weights, dataset identity, layout,
+views); their ranges must not overlap or leave gaps. Rows are copied exactly (every member
+chunk is checksum-verified as it is read) and rechunked to the output's chunk rows. The result
+is a whole cache when the ranges cover the dataset, else a range cache over their union.
+"""
+
+from __future__ import annotations
+
+import datetime
+from contextlib import ExitStack
+
+import numpy as np
+
+from kdcache import __version__
+from kdcache.cache.derive import check_target, derived_cache
+from kdcache.cache.format import FORMAT_VERSION, Layout, labels_sha256, row_range
+from kdcache.cache.reader import Cache, open_cache
+from kdcache.cache.writer import ChunkWriter, Rows
+from kdcache.errors import KDCacheError
+
+DATASET_KEYS = ("spec", "split", "n", "num_classes", "class_names", "fingerprint", "labels_sha256")
+
+
+def _identity(c: Cache) -> dict:
+    """What every member of a join must share: all but the rows."""
+    a = c.attrs
+    return {
+        **{f"dataset {k}": a["dataset"].get(k) for k in DATASET_KEYS},
+        "teacher": a["teacher"]["name"], "teacher weights": a["teacher"]["weights"].get("sha256"),
+        "teacher arch_args": a["teacher"].get("arch_args"), "preprocess": a["teacher"]["preprocess"],
+        "kind": a["kind"], "k": a["k"], "num_classes": a["num_classes"], "value_dtype": a["value_dtype"],
+        "n_views": a["n_views"], "augment": a["views"]["augment"], "seed": a["views"]["seed"],
+        "merge": a.get("merge"),
+    }
+
+
+def _check_members(caches: list[Cache]) -> None:
+    """Same identity, and ranges (in row order) that neither overlap nor leave a gap."""
+    first, ident = caches[0], _identity(caches[0])
+    for other in caches[1:]:
+        for key, value in _identity(other).items():
+            if value != ident[key]:
+                raise KDCacheError(
+                    f"cannot join {first.path} and {other.path}: {key} differs ({str(ident[key])[:40]} vs "
+                    f"{str(value)[:40]}); join the range caches of one dump command (same settings, other --rows)")
+    for a, b in zip(caches, caches[1:]):
+        (a0, a1), (b0, b1) = row_range(a.attrs), row_range(b.attrs)
+        if b0 < a1:
+            raise KDCacheError(f"cannot join {a.path} and {b.path}: their rows {a0}:{a1} and {b0}:{b1} overlap; "
+                               "join caches of disjoint --rows ranges")
+        if b0 > a1:
+            raise KDCacheError(f"cannot join: rows {a1}:{b0} are in none of the caches; dump them with "
+                               f"'kdcache dump ... --rows {a1}:{b0}' and join again")
+
+
+def _attrs(caches: list[Cache], layout: Layout, rows: tuple[int, int], labels: np.ndarray, command: str) -> dict:
+    first = caches[0].attrs
+    whole = rows == (0, first["dataset"]["n"])
+    span = None if whole else {"start": rows[0], "stop": rows[1], "labels_sha256": labels_sha256(labels)}
+    kept = {k: v for k, v in first.items() if k not in ("stats", "status", "compressor")}
+    return kept | {
+        "version": FORMAT_VERSION, **layout.to_attrs(), "rows": span,
+        "dump": first.get("dump", {}) | {"rows": None if whole else list(rows), "chunk_rows": layout.chunk_rows},
+        "join": {"members": [{"path": c.path, "rows": list(row_range(c.attrs)), "created": c.attrs["created"],
+                              "command": c.attrs["command"]} for c in caches]},
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "tool": f"kdcache {__version__}", "command": command,
+    }
+
+
+def _put(writer: ChunkWriter, chunk_rows: int, start: int, arrays: dict[str, np.ndarray]) -> None:
+    """Queue consecutive rows starting at output row `start`, split at the output's chunk boundaries."""
+    n, i = len(arrays["labels"]), 0
+    while i < n:
+        end = min(n, ((start + i) // chunk_rows + 1) * chunk_rows - start)
+        writer.put(Rows(start=start + i, arrays={k: a[i:end] for k, a in arrays.items()}))
+        i = end
+
+
+def join(paths: list[str], out: str, overwrite: bool = False, command: str = "") -> tuple[int, int, int]:
+    """Join range caches into `out`; returns (start, stop, dataset n) of the rows it holds."""
+    if len(paths) < 2:
+        raise KDCacheError("join needs at least two caches")
+    check_target(out, paths, "join")
+    with ExitStack() as stack:
+        caches = sorted((stack.enter_context(open_cache(p)) for p in paths), key=lambda c: row_range(c.attrs))
+        _check_members(caches)
+        rows = row_range(caches[0].attrs)[0], row_range(caches[-1].attrs)[1]
+        n_total = caches[0].attrs["dataset"]["n"]
+        labels = np.concatenate([c.labels for c in caches])
+        if rows == (0, n_total) and labels_sha256(labels) != caches[0].attrs["dataset"]["labels_sha256"]:
+            raise KDCacheError("cannot join: the members' labels do not match the dataset's labels_sha256; "
+                               "run 'kdcache verify' on each member")
+        first = caches[0].layout
+        layout = Layout(rows[1] - rows[0], first.n_views, first.num_classes, first.k, first.value_dtype,
+                        first.chunk_rows)
+        with derived_cache(out, layout, _attrs(caches, layout, rows, labels, command), overwrite) as writer:
+            for cache in caches:
+                offset = row_range(cache.attrs)[0] - rows[0]
+                for c in range(cache.layout.n_chunks):
+                    sl = cache.layout.chunk_slice(c)
+                    per_view = [cache.read_chunk(c, v) for v in range(layout.n_views)]
+                    arrays = {k: np.stack([pv[k] for pv in per_view], 1) for k in per_view[0]}
+                    _put(writer, layout.chunk_rows, offset + sl.start, arrays | {"labels": cache.labels[sl]})
+    return rows[0], rows[1], n_total
