@@ -377,6 +377,21 @@ def test_s3_dump_info_verify_train_resume_overwrite(s3, work, cache, teacher):
     assert ok(kd("verify", url)).startswith(f"ok: {url}: {N_TRAIN} samples, 3 chunks")
 
 
+def test_s3_range_dumps_joined_on_s3_equal_the_local_dump(s3, cache, teacher):
+    """Two machines without shared disk: each dumps a range to the bucket, then join writes the whole cache there."""
+    parts = ["s3://bucket/part1.zarr", "s3://bucket/part0.zarr"]
+    ok(kd(*dump_args(teacher(0), parts[1], "--rows", f":{6 * ROWS}")))
+    ok(kd(*dump_args(teacher(0), parts[0], "--rows", f"{6 * ROWS}:")))
+    url = "s3://bucket/joined.zarr"
+    assert ok(kd("join", *parts, "--out", url)).strip() == f"wrote {url} (rows 0:{N_TRAIN}, all of the dataset)"
+    assert ok(kd("verify", url)).startswith(f"ok: {url}: {N_TRAIN} samples, {N_CHUNKS} chunks")
+    with open_cache(url) as remote, open_cache(cache("c.zarr")) as here:
+        assert remote.attrs["rows"] is None and remote.attrs["stats"] == here.attrs["stats"]
+        for name in ("values", "labels", "views", "done", "checksum"):
+            x, y = np.asarray(remote.store[name][...]), np.asarray(here.store[name][...])
+            assert x.dtype == y.dtype and x.tobytes() == y.tobytes(), name
+
+
 def test_s3_refusals_are_clean(s3, teacher):
     line = error_line(kd(*dump_args(teacher(0), "s3://bucket/c.h5")))
     assert "cannot write HDF5 at a URL" in line
