@@ -35,11 +35,11 @@ def _copy(src: str, dst_dir) -> str:
 
 
 def _chunk_bytes(cache) -> int:
-    """Decoded bytes of one full chunk of one view (values, indices, tail, views)."""
+    """Decoded bytes of one full chunk of one view (values, indices, tail, views, and the chunk's labels)."""
     r = cache.layout.chunk_rows
     return sum(r * int(np.prod(shape[2:], dtype=np.int64)) * np.dtype(dtype).itemsize
                for name, (shape, dtype, _) in cache.layout.arrays().items()
-               if name in ("values", "indices", "tail", "views"))
+               if name in ("values", "indices", "tail", "views", "labels"))
 
 
 @pytest.mark.parametrize("kind", ["topk", "full"])
@@ -223,3 +223,27 @@ def test_sampler_ranks_split_disjoint_and_covering(world):
     assert all(len(p) > 0 for p in parts)
     chunk_sets = [{i // ROWS for i in p} for p in parts]
     assert all(not (a & b) for j, a in enumerate(chunk_sets) for b in chunk_sets[j + 1:])  # whole chunks per rank
+
+
+def test_loader_releases_each_window_once_read(topk_cache):
+    """With an LRU big enough for the whole cache, PairedLoader still holds only the current and next window."""
+    from kdcache.data.datasets import open_dataset
+    from kdcache.train.data import PairedLoader
+
+    ds = open_dataset("digits", "train")
+    with open_cache(topk_cache, lru_bytes=1 << 30) as cache:
+        loader = PairedLoader(ds, [cache], batch_size=64, seed=1, window=2)
+        windows_held, seen = [], []
+        for batch in loader.epoch(0):
+            seen.append(len(batch.labels))
+            windows_held.append(len(cache._lru))
+        assert sum(seen) == N and cache.chunks_decoded == N_CHUNKS  # every chunk decoded once
+        assert max(windows_held) <= 2 * 2 + 1  # two windows of two chunks (+1 prefetched as a batch straddles)
+        assert windows_held[-1] <= 2 * 2
+    with open_cache(topk_cache, lru_bytes=1 << 30) as cache:  # without the loader nothing is dropped
+        for c in range(N_CHUNKS):
+            cache.read([c * ROWS])
+        assert len(cache._lru) == N_CHUNKS
+        cache.release(range(N_CHUNKS - 3))
+        assert sorted(k[0] for k in cache._lru) == list(range(N_CHUNKS - 3, N_CHUNKS))
+        assert cache._lru_used == (N - (N_CHUNKS - 3) * ROWS) * (_chunk_bytes(cache) // ROWS)  # rows left

@@ -102,6 +102,6 @@ def join(paths: list[str], out: str, overwrite: bool = False, command: str = "")
                 for c in range(cache.layout.n_chunks):
                     sl = cache.layout.chunk_slice(c)
                     per_view = [cache.read_chunk(c, v) for v in range(layout.n_views)]
-                    arrays = {k: np.stack([pv[k] for pv in per_view], 1) for k in per_view[0]}
-                    _put(writer, layout.chunk_rows, offset + sl.start, arrays | {"labels": cache.labels[sl]})
+                    arrays = {k: np.stack([pv[k] for pv in per_view], 1) for k in per_view[0] if k != "labels"}
+                    _put(writer, layout.chunk_rows, offset + sl.start, arrays | {"labels": per_view[0]["labels"]})
     return rows[0], rows[1], n_total

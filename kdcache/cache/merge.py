@@ -115,9 +115,9 @@ def merge(paths: list[str], out: str, mode: str = "mean-prob", temperature: floa
                                 temperature)
                     per_view.append(z)
                 z = torch.stack(per_view, 1).clamp(-65504.0, 65504.0)
-                arrays: dict[str, object] = {"labels": c0.labels[idx],
-                                             "views": np.stack([c0.read(idx, v).views.numpy()
-                                                                for v in range(layout.n_views)], 1)}
+                own = [c0.read(idx, v) for v in range(layout.n_views)]
+                arrays: dict[str, object] = {"labels": own[0].labels.numpy(),
+                                             "views": np.stack([b.views.numpy() for b in own], 1)}
                 if k is None:
                     arrays["values"] = z.half().numpy()
                 else:

@@ -16,6 +16,7 @@ from kdcache.cache.store import Store, open_store, path_exists, staging_path
 from kdcache.errors import KDCacheError
 
 PER_VIEW = ("values", "indices", "tail", "views")
+ROW_ARRAYS = (*PER_VIEW, "labels")
 DEFAULT_LRU_BYTES = 16 << 20
 
 
@@ -38,7 +39,7 @@ class Cache:
         self.attrs = store.attrs
         check_version(self.attrs, self.path)
         self.layout = Layout.from_attrs(self.attrs)
-        self.labels = np.asarray(store["labels"][...], dtype=np.int64)
+        self._labels: np.ndarray | None = None
         self._checksums = np.asarray(store["checksum"][...], dtype=np.uint32)
         self._lru: OrderedDict[tuple[int, int], dict[str, np.ndarray]] = OrderedDict()
         self._lru_bytes, self._lru_used = lru_bytes, 0
@@ -73,6 +74,13 @@ class Cache:
         return self.layout.n_views
 
     @property
+    def labels(self) -> np.ndarray:
+        """All N labels, read on first use (reading batches does not need them: chunks carry their own)."""
+        if self._labels is None:
+            self._labels = np.asarray(self.store["labels"][...], dtype=np.int64)
+        return self._labels
+
+    @property
     def complete(self) -> bool:
         return self.attrs.get("status") == STATUS_COMPLETE
 
@@ -86,7 +94,7 @@ class Cache:
 
     # --- reading --------------------------------------------------------------------------------
     def read_chunk(self, c: int, view: int = 0) -> dict[str, np.ndarray]:
-        """Decode one chunk of one view from the store and check it against its stored CRC-32."""
+        """Decode one chunk of one view (and its labels) from the store; check it against its stored CRC-32."""
         sl = self.layout.chunk_slice(c)
         rows = {n: np.asarray(self.store[n][sl, view]) for n in PER_VIEW if n in self.store}
         if view_checksum(rows) != int(self._checksums[c, view]):
@@ -94,6 +102,7 @@ class Cache:
                 f"chunk {c} (rows {sl.start}-{sl.stop - 1}, view {view}) of {self.path} fails its checksum: "
                 f"the cache is corrupt; run 'kdcache verify {self.path}' and dump or fetch it again"
             )
+        rows["labels"] = np.asarray(self.store["labels"][sl], dtype=np.int64)
         with self._lock:
             self.chunks_decoded += 1
         return rows
@@ -102,11 +111,14 @@ class Cache:
         """Decode the whole cache into memory (every chunk verified): the fastest reader when it fits."""
         lay = self.layout
         out = {n: np.empty(s, dtype=d) for n, (s, d, _) in lay.arrays().items() if n in PER_VIEW}
+        labels = np.empty(lay.n, dtype=np.int64)
         for c in range(lay.n_chunks):
             for v in range(lay.n_views):
-                for n, a in self.read_chunk(c, v).items():
+                rows = self.read_chunk(c, v)
+                labels[lay.chunk_slice(c)] = rows.pop("labels")
+                for n, a in rows.items():
                     out[n][lay.chunk_slice(c), v] = a
-        self._memory = out
+        self._memory, self._labels = out, labels
 
     @property
     def in_memory(self) -> bool:
@@ -121,6 +133,14 @@ class Cache:
                 key = (int(c), view)
                 if key not in self._lru and key not in self._inflight:
                     self._inflight[key] = self._pool.submit(self.read_chunk, key[0], view)
+
+    def release(self, chunks: Iterable[int], view: int = 0) -> None:
+        """Drop these chunks of one view from the LRU: the caller is done with them (e.g. for this epoch)."""
+        with self._lock:
+            for c in chunks:
+                rows = self._lru.pop((int(c), view), None)
+                if rows is not None:
+                    self._lru_used -= sum(a.nbytes for a in rows.values())
 
     def _chunk(self, c: int, view: int) -> dict[str, np.ndarray]:
         key = (c, view)
@@ -141,14 +161,19 @@ class Cache:
         return rows
 
     def read(self, indices: np.ndarray | torch.Tensor | list[int], view: int = 0) -> CacheBatch:
-        """Soft targets for these sample indices (any order, repeats allowed) and one view."""
+        """Soft targets for these sample indices (any order, repeats allowed) and one view.
+
+        Streaming reads decode whole chunks (each checked against its CRC-32): batches drawn from a few
+        chunks at a time (ChunkAwareSampler) are fast; uniformly random indices over a cache larger than
+        the LRU decode a chunk per sample, so for such access call load() first.
+        """
         idx = np.asarray(indices, dtype=np.int64).reshape(-1)
         if idx.size and (idx.min() < 0 or idx.max() >= self.n):
             raise IndexError(f"sample index out of range for a cache of {self.n} samples")
         if not 0 <= view < self.n_views:
             raise IndexError(f"view {view} out of range for a cache of {self.n_views} views")
         if self._memory is not None:
-            picked = {n: a[idx, view] for n, a in self._memory.items()}
+            picked = {n: a[idx, view] for n, a in self._memory.items()} | {"labels": self.labels[idx]}
         else:
             picked = self._gather(idx, view)
         t = {n: torch.from_numpy(np.ascontiguousarray(a)) for n, a in picked.items()}
@@ -156,7 +181,7 @@ class Cache:
             values=t["values"],
             indices=t["indices"].long() if "indices" in t else None,
             tail=t.get("tail"),
-            labels=torch.from_numpy(self.labels[idx]),
+            labels=t["labels"],
             views=t["views"],
         )
 
@@ -164,7 +189,7 @@ class Cache:
         rows = self.layout.chunk_rows
         chunk_ids = idx // rows
         shapes = self.layout.arrays()
-        out = {n: np.empty((len(idx), *shapes[n][0][2:]), dtype=shapes[n][1]) for n in PER_VIEW if n in shapes}
+        out = {n: np.empty((len(idx), *shapes[n][0][2:]), dtype=shapes[n][1]) for n in ROW_ARRAYS if n in shapes}
         for c in np.unique(chunk_ids):
             sel = np.nonzero(chunk_ids == c)[0]
             arrays = self._chunk(int(c), view)

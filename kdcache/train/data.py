@@ -70,7 +70,7 @@ class PairedLoader:
                             pin_memory=self.device.type == "cuda")
         nb = self.device.type == "cuda"
         ends = np.cumsum([self._rows(w) for w in windows])
-        seen_rows, fetched = 0, 0
+        seen_rows, fetched, released = 0, 0, 0
         for images, labels, idx in loader:
             idx_np = idx.numpy()
             current = int(np.searchsorted(ends, seen_rows, side="right"))
@@ -78,6 +78,12 @@ class PairedLoader:
                 for cache in self.caches:
                     cache.prefetch(self._cache_chunks(cache, windows[fetched]), view)
                 fetched += 1
+            if released < current:  # every sample of the windows before this one has been read
+                for cache in self.caches:
+                    done = self._cache_chunks(cache, np.concatenate(windows[released:current]))
+                    ahead = set(self._cache_chunks(cache, np.concatenate(windows[current:current + 2])))
+                    cache.release([c for c in done if c not in ahead], view)
+                released = current
             seen_rows += len(idx_np)
             cb = [cache.read(idx_np, view) for cache in self.caches]
             if cb:
