@@ -20,18 +20,29 @@ TEACHER_ARGS = {"hidden": [32]}  # recorded in the checkpoint (as kdtrain does),
 KDCACHE_BIN = str(Path(sys.executable).with_name("kdcache"))
 
 
-@pytest.fixture(scope="session")
-def teacher_weights(tmp_path_factory) -> str:
-    """A checkpoint of an untrained small MLP for digits at 16 px (random weights give non-trivial logits)."""
+def save_mlp_teacher(path, image_size: int = 8, hidden=(16,), seed: int = 0) -> str:
+    """Save an untrained digits MLP checkpoint as kdtrain writes them (random weights give non-trivial logits)."""
     import torch
 
     from kdcache.models import build_model
 
-    torch.manual_seed(0)
-    model = build_model(TEACHER, num_classes=10, image_size=IMAGE_SIZE, **TEACHER_ARGS)
-    path = tmp_path_factory.mktemp("teacher") / f"{TEACHER}.pt"
-    torch.save({"model": model.state_dict(), "arch": TEACHER, "arch_args": TEACHER_ARGS}, path)
+    torch.manual_seed(seed)
+    model = build_model("mlp", num_classes=10, image_size=image_size, hidden=hidden)
+    torch.save({"model": model.state_dict(), "arch": "mlp", "arch_args": {"hidden": hidden}}, path)
     return str(path)
+
+
+@pytest.fixture(scope="session")
+def save_teacher():
+    """save(path, image_size=8, hidden=(16,), seed=0) -> path of a random-weights mlp checkpoint for digits."""
+    return save_mlp_teacher
+
+
+@pytest.fixture(scope="session")
+def teacher_weights(tmp_path_factory) -> str:
+    """A checkpoint of an untrained small MLP for digits at 16 px."""
+    path = tmp_path_factory.mktemp("teacher") / f"{TEACHER}.pt"
+    return save_mlp_teacher(path, IMAGE_SIZE, TEACHER_ARGS["hidden"])
 
 
 @pytest.fixture(scope="session")

@@ -7,7 +7,6 @@ import math
 import numpy as np
 import pytest
 import torch
-
 from conftest import IMAGE_SIZE, TEACHER, TEACHER_ARGS
 
 N_TRAIN, C, BATCH = 1437, 10, 256

@@ -12,7 +12,6 @@ import numpy as np
 import pytest
 import torch
 import zarr
-
 from conftest import IMAGE_SIZE, KDCACHE_BIN, TEACHER
 
 N, ROWS = 1437, 100

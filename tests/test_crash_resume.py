@@ -32,12 +32,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 import zarr
 from click.testing import CliRunner
 
 from kdcache.cli import kdcache_main, kdtrain_main
-from kdcache.models import build_model
 
 N, ROWS, N_CHUNKS = 1437, 128, 12
 NOBODY = 65534
@@ -167,11 +165,9 @@ def _cli(main, args):
 
 
 @pytest.fixture(scope="module")
-def work(tmp_path_factory) -> Path:
+def work(tmp_path_factory, save_teacher) -> Path:
     d = tmp_path_factory.mktemp("crash")
-    torch.manual_seed(0)
-    model = build_model("mlp", num_classes=10, image_size=8, hidden=(16,))
-    torch.save({"model": model.state_dict(), "arch": "mlp", "arch_args": {"hidden": (16,)}}, d / "teacher.pt")
+    save_teacher(d / "teacher.pt")
     (d / "killhook.py").write_text(KILLHOOK)
     (d / "killds.py").write_text(KILLDS)
     return d

@@ -19,12 +19,10 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 from click.testing import CliRunner
 
 import kdcache
 from kdcache.cli import kdcache_main, kdtrain_main
-from kdcache.models import build_model
 
 SRC = Path(kdcache.__file__).parent
 ROOT = SRC.parent
@@ -161,11 +159,9 @@ def test_each_section_names_existing_cli_tests():
 # --- bad inputs: one clean line each -----------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory):
+def env(tmp_path_factory, save_teacher):
     d = tmp_path_factory.mktemp("badinput")
-    torch.manual_seed(0)
-    model = build_model("mlp", num_classes=10, image_size=8, hidden=(16,))
-    torch.save({"model": model.state_dict(), "arch": "mlp", "arch_args": {"hidden": (16,)}}, d / "teacher.pt")
+    save_teacher(d / "teacher.pt")
     r = CliRunner().invoke(kdcache_main, ["dump", "--teacher", "mlp", "--weights", str(d / "teacher.pt"),
                                           "--image-size", "8", "--chunk-rows", "128", "--device", "cpu", "--quiet",
                                           "--topk", "3", "--out", str(d / "c.zarr")])
@@ -191,7 +187,8 @@ def _bug(reason: str) -> str:
     return reason
 
 
-# case -> (command, args ("{d}" = the fixture's folder, "{case}" = the case), words the error line must contain[, history])
+# case -> (command, args ("{d}" = the fixture's folder, "{case}" = the case), words the error line must
+# contain[, history])
 BAD_INPUTS = {
     # dump
     "dump-unknown-teacher": ("kdcache", _dump("--teacher", "resnet9000"), ["unknown model 'resnet9000'"]),

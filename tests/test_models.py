@@ -10,7 +10,13 @@ import torch
 import torch.nn.functional as F
 
 from kdcache.errors import KDCacheError
-from kdcache.models import build_model, has_distill_heads, load_weights, model_names, param_count
+from kdcache.models import (
+    build_model,
+    has_distill_heads,
+    load_weights,
+    model_names,
+    param_count,
+)
 from kdcache.models.involution import Involution, involution
 
 # Small options so every built-in runs fast; ViTs and the Mixer are built at their real size.

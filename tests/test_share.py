@@ -16,7 +16,6 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
-import torch
 import zarr
 from click.testing import CliRunner
 from servers import serve_http, serve_s3
@@ -25,7 +24,6 @@ from kdcache.cache import open_cache
 from kdcache.cache.convert import differences
 from kdcache.cache.store import open_store
 from kdcache.cli import kdcache_main, kdtrain_main
-from kdcache.models import build_model
 
 N_TRAIN, N_TEST, C = 1437, 360, 10
 ROWS = 128
@@ -153,17 +151,13 @@ def work(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def teacher(work):
+def teacher(work, save_teacher):
     """teacher(seed) -> checkpoint of a random-weights mlp (hidden=(16,)) for digits at 8 px."""
     made: dict[int, str] = {}
 
     def make(seed: int = 0) -> str:
         if seed not in made:
-            torch.manual_seed(seed)
-            model = build_model("mlp", num_classes=C, image_size=IMAGE_SIZE, hidden=(16,))
-            path = work / f"teacher{seed}.pt"
-            torch.save({"model": model.state_dict(), "arch_args": {"hidden": (16,)}}, path)
-            made[seed] = str(path)
+            made[seed] = save_teacher(work / f"teacher{seed}.pt", IMAGE_SIZE, seed=seed)
         return made[seed]
 
     return make

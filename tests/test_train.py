@@ -125,7 +125,8 @@ def test_cached_kd_equals_online_kd(tmp_path, dtype, tol):
 ])
 def test_each_loss_trains_from_a_topk_cache(cache_dir, tmp_path, args):
     out = tmp_path / "r"
-    _run(kdtrain_main, ["--cache", str(cache_dir / "train-top3.zarr"), "--test-cache", str(cache_dir / "test-full.zarr"),
+    _run(kdtrain_main, ["--cache", str(cache_dir / "train-top3.zarr"),
+                        "--test-cache", str(cache_dir / "test-full.zarr"),
                         "--student", "mlp", "--student-arg", "hidden=(64,)", "--epochs", "2", "--out", str(out),
                         *args, *FAST])
     m = json.load(open(out / "metrics.json"))

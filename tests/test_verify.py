@@ -26,7 +26,6 @@ import zarr
 from click.testing import CliRunner
 
 from kdcache.cli import kdcache_main, kdtrain_main
-from kdcache.models import build_model
 
 N, ROWS, N_CHUNKS = 1437, 128, 12
 PER_VIEW = ("values", "indices", "tail", "views")
@@ -37,12 +36,10 @@ def _cli(main, args):
 
 
 @pytest.fixture(scope="module")
-def sound(tmp_path_factory):
+def sound(tmp_path_factory, save_teacher):
     """name -> path of a sound cache (top-3, digits, mlp teacher at 8 px, 128-row chunks)."""
     d = tmp_path_factory.mktemp("verify")
-    torch.manual_seed(0)
-    model = build_model("mlp", num_classes=10, image_size=8, hidden=(16,))
-    torch.save({"model": model.state_dict(), "arch": "mlp", "arch_args": {"hidden": (16,)}}, d / "teacher.pt")
+    save_teacher(d / "teacher.pt")
     base = ["dump", "--teacher", "mlp", "--weights", d / "teacher.pt", "--dataset", "digits", "--image-size", 8,
             "--chunk-rows", ROWS, "--device", "cpu", "--quiet"]
     made = {
