@@ -6,13 +6,13 @@ kdcache is imported lazily inside fixtures only, so a module that uses none of t
 
 from __future__ import annotations
 
-import hashlib
-import json
+import os
 import sys
 from pathlib import Path
 
-import numpy as np
+import clitools
 import pytest
+import sharefix
 
 IMAGE_SIZE = 16
 TEACHER = "mlp"
@@ -48,16 +48,7 @@ def teacher_weights(tmp_path_factory) -> str:
 @pytest.fixture(scope="session")
 def cli():
     """run(*args) -> click Result of `kdcache ARGS` invoked in-process (stdout and stderr kept apart)."""
-    from click.testing import CliRunner
-
-    from kdcache.cli import kdcache_main
-
-    runner = CliRunner()
-
-    def run(*args):
-        return runner.invoke(kdcache_main, [str(a) for a in args])
-
-    return run
+    return clitools.kd
 
 
 @pytest.fixture(scope="session")
@@ -85,34 +76,52 @@ def dump_cache(tmp_path_factory, cli, dump_args):
     return make
 
 
-def _read_plain(path: str) -> tuple[dict[str, np.ndarray], dict]:
-    """Every array and the `kdcache` attribute dict of a cache, read with plain zarr/h5py."""
-    if path.rstrip("/").endswith(".zarr"):
-        import zarr
-
-        g = zarr.open_group(path, mode="r")
-        return {name: np.asarray(a[...]) for name, a in g.arrays()}, dict(g.attrs["kdcache"])
-    import h5py
-
-    with h5py.File(path, "r") as f:
-        return {name: f[name][...] for name in f}, json.loads(f.attrs["kdcache"])
-
-
 @pytest.fixture(scope="session")
 def read_plain():
     """read(path) -> (arrays, attrs) using only zarr/h5py."""
-    return _read_plain
-
-
-def _tree_hash(path: str) -> dict[str, str]:
-    """sha256 of every file under path (or of path itself if it is a file), by relative name."""
-    p = Path(path)
-    files = [p] if p.is_file() else sorted(q for q in p.rglob("*") if q.is_file())
-    return {str(q.relative_to(p.parent)): hashlib.sha256(q.read_bytes()).hexdigest() for q in files}
+    return clitools.read_plain
 
 
 @pytest.fixture(scope="session")
 def tree_hash():
     """hash(path) -> {relative file name: sha256} for a file or a directory tree."""
-    return _tree_hash
+    return clitools.tree_hash
 
+
+# --- the sharing tests (test_share.py, test_remote.py): an 8 px mlp teacher and its 128-row caches ---
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory) -> Path:
+    """The sharing tests' scratch folder (one per module)."""
+    return tmp_path_factory.mktemp("share")
+
+
+@pytest.fixture(scope="module")
+def teacher(work, save_teacher):
+    """teacher(seed) -> checkpoint of a random-weights mlp (hidden=(16,)) for digits at 8 px."""
+    made: dict[int, str] = {}
+
+    def make(seed: int = 0) -> str:
+        if seed not in made:
+            made[seed] = save_teacher(work / f"teacher{seed}.pt", sharefix.IMAGE_SIZE, seed=seed)
+        return made[seed]
+
+    return make
+
+
+@pytest.fixture(scope="module")
+def cache(work, teacher):
+    """cache(name, seed=0, *extra) -> a cache of digits by teacher(seed), dumped once per module (read-only)."""
+    made: dict[tuple, str] = {}
+    (work / "caches").mkdir()
+
+    def make(name: str, seed: int = 0, *extra) -> str:
+        key = (name, seed, *map(str, extra))
+        if key not in made:
+            out = str(work / "caches" / name)
+            assert not os.path.exists(out), f"two different dumps named {name}"
+            clitools.ok(clitools.kd(*sharefix.dump_args(teacher(seed), out, *extra)))
+            made[key] = out
+        return made[key]
+
+    return make

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 import zarr
+from clitools import error_line
 from conftest import IMAGE_SIZE, KDCACHE_BIN, TEACHER
 
 N, ROWS = 1437, 100
@@ -21,16 +22,6 @@ def _copy(src: str, dst_dir: Path) -> str:
     dst = str(dst_dir / Path(src).name)
     (shutil.copytree if src.endswith(".zarr") else shutil.copyfile)(src, dst)
     return dst
-
-
-def _error_line(r, code: int = 1) -> str:
-    """The single `error: ...` line of a failed CLI call (no traceback, nothing else on stderr)."""
-    assert r.exit_code == code, (r.exit_code, r.output)
-    assert r.exception is None or isinstance(r.exception, SystemExit), repr(r.exception)
-    assert "Traceback" not in r.output
-    lines = r.stderr.splitlines()
-    assert len(lines) == 1, r.stderr
-    return lines[0]
 
 
 def _no_leftovers(out: str) -> None:
@@ -52,7 +43,7 @@ def test_existing_complete_cache_refused_then_overwritten(cli, dump_args, dump_c
     out = _copy(dump_cache(suffix, "--topk", 3), tmp_path)
     before = tree_hash(out)
     for flags in ([], ["--resume"]):
-        line = _error_line(cli(*dump_args, "--out", out, "--topk", 3, *flags))
+        line = error_line(cli(*dump_args, "--out", out, "--topk", 3, *flags))
         assert line.startswith("error: ") and "--overwrite" in line
         assert tree_hash(out) == before
     _no_leftovers(out)
@@ -71,7 +62,7 @@ def test_foreign_directory_is_never_touched(cli, dump_args, tree_hash, tmp_path,
     (out / "notes.txt").write_text("not a cache")
     (out / "sub" / "data.bin").write_bytes(os.urandom(100))
     before = tree_hash(str(out))
-    line = _error_line(cli(*dump_args, "--out", out, *overwrite))
+    line = error_line(cli(*dump_args, "--out", out, *overwrite))
     assert line.startswith("error: ") and "not a kdcache cache" in line
     assert tree_hash(str(out)) == before
     assert not os.path.exists(str(out) + ".lock")
@@ -84,9 +75,9 @@ def test_foreign_hdf5_file_is_never_touched(cli, dump_args, tree_hash, tmp_path)
     with h5py.File(out, "w") as f:
         f["measurements"] = np.arange(10)
     before = tree_hash(str(out))
-    assert _error_line(cli(*dump_args, "--out", out)).startswith("error: ")
+    assert error_line(cli(*dump_args, "--out", out)).startswith("error: ")
     assert tree_hash(str(out)) == before
-    line = _error_line(cli(*dump_args, "--out", out, "--overwrite"))
+    line = error_line(cli(*dump_args, "--out", out, "--overwrite"))
     assert "not a kdcache cache" in line
     assert tree_hash(str(out)) == before
 
@@ -108,7 +99,7 @@ def test_partial_zarr_refused_then_resumed(cli, dump_args, dump_cache, read_plai
     g.attrs["kdcache"] = attrs
     before = tree_hash(out)
 
-    line = _error_line(cli(*dump_args, "--out", out, *extra))
+    line = error_line(cli(*dump_args, "--out", out, *extra))
     assert "--resume" in line and "partial" in line
     assert tree_hash(out) == before
     r = cli("info", out)  # info describes partial caches too
@@ -162,11 +153,11 @@ def test_interrupted_hdf5_dump_resumes(cli, dump_args, dump_cache, read_plain, t
     assert g.attrs["kdcache"]["status"] == "partial"
     np.testing.assert_array_equal(g["done"][:], [1] * 7 + [0] * 8)  # whole chunks only
 
-    assert "--resume" in _error_line(cli(*cmd))
-    assert "--resume" in _error_line(cli("info", out))
-    line = _error_line(cli(*[a if a != 3 else 4 for a in cmd], "--resume"))
+    assert "--resume" in error_line(cli(*cmd))
+    assert "--resume" in error_line(cli("info", out))
+    line = error_line(cli(*[a if a != 3 else 4 for a in cmd], "--resume"))
     assert "topk" in line
-    line = _error_line(cli(*cmd, "--seed", 1, "--resume"))
+    line = error_line(cli(*cmd, "--seed", 1, "--resume"))
     assert "seed" in line
 
     monkeypatch.delenv("KDT_STOP_AT")
@@ -193,7 +184,7 @@ def test_resume_with_another_compressor_keeps_attrs_true(cli, dump_args, tmp_pat
     monkeypatch.delenv("KDT_STOP_AT")
     r = cli(*cmd, "--resume", "--compressor", "lzf")
     if r.exit_code != 0:  # refusing is fine, if it says why
-        assert "compressor" in _error_line(r)
+        assert "compressor" in error_line(r)
         return
     with h5py.File(out, "r") as f:
         assert json.loads(f.attrs["kdcache"])["compressor"] == f["values"].compression
@@ -246,7 +237,7 @@ ERRORS = {
 def test_errors_are_one_clean_line(cli, dump_args, bad_weights, tmp_path, case):
     change, words = ERRORS[case]
     args = change([*map(str, dump_args), "--out", str(tmp_path / "c.zarr")], bad_weights)
-    line = _error_line(cli(*args))
+    line = error_line(cli(*args))
     assert line.startswith("error: ")
     for word in words:
         assert word in line, (word, line)
@@ -337,5 +328,5 @@ def test_info_warns_about_near_one_hot_teacher(cli, dump_cache, tmp_path):
 
 @pytest.mark.parametrize("name", ["missing.zarr", "missing.h5", "cache.txt"])
 def test_info_bad_path(cli, tmp_path, name):
-    line = _error_line(cli("info", str(tmp_path / name)))
+    line = error_line(cli("info", str(tmp_path / name)))
     assert line.startswith("error: ")

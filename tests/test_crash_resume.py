@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import zarr
-from click.testing import CliRunner
+from clitools import error_line, invoke
 
 from kdcache.cli import kdcache_main, kdtrain_main
 
@@ -151,19 +151,6 @@ def _tree_hash(path: str) -> dict[str, str]:
             if q.is_file()}
 
 
-def _one_error_line(r, code: int = 1) -> str:
-    assert r.exit_code == code, (r.exit_code, r.output, r.exception)
-    assert r.exception is None or isinstance(r.exception, SystemExit), repr(r.exception)
-    assert "Traceback" not in r.output
-    lines = r.stderr.splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), r.stderr
-    return lines[0]
-
-
-def _cli(main, args):
-    return CliRunner().invoke(main, [str(a) for a in args])
-
-
 @pytest.fixture(scope="module")
 def work(tmp_path_factory, save_teacher) -> Path:
     d = tmp_path_factory.mktemp("crash")
@@ -189,7 +176,7 @@ def reference(work):
         if key not in made:
             out = work / "ref" / f"ref{len(made)}{suffix}"
             out.parent.mkdir(exist_ok=True)
-            r = _cli(kdcache_main, _dump_args(work, out, *extra))
+            r = invoke(kdcache_main, _dump_args(work, out, *extra))
             assert r.exit_code == 0, r.output
             made[key] = str(out)
         return made[key]
@@ -381,7 +368,7 @@ def _sigkill(sc: Scenario) -> None:
 
 
 def _kdtrain(cache: str, out, *extra):
-    return _cli(kdtrain_main, ["--cache", cache, "--student", "mlp", "--student-arg", "hidden=(8,)", "--epochs", 1,
+    return invoke(kdtrain_main, ["--cache", cache, "--student", "mlp", "--student-arg", "hidden=(8,)", "--epochs", 1,
                                "--quiet", "--no-plots", "--device", "cpu", "--out", out, *extra])
 
 
@@ -420,29 +407,29 @@ def test_sigkill_then_resume_is_byte_identical(scenarios, reference, work, monke
             assert os.path.exists(sc.out + ".tmp")  # the conversion's half-written file, never the final path
 
     # the interrupted cache is reported partial, and kdtrain refuses it
-    r = _cli(kdcache_main, ["info", stage])
+    r = invoke(kdcache_main, ["info", stage])
     assert r.exit_code == 0 and "partial" in r.output and "--resume" in r.output, r.output
     if sc.suffix == ".h5":
-        line = _one_error_line(_cli(kdcache_main, ["info", sc.out]))
+        line = error_line(invoke(kdcache_main, ["info", sc.out]))
         assert "partial" in line and "--resume" in line
-    line = _one_error_line(_kdtrain(sc.out, work / f"run-{point}", "--cache-ram", 0))
+    line = error_line(_kdtrain(sc.out, work / f"run-{point}", "--cache-ram", 0))
     assert "partial" in line and "--resume" in line
 
     # the same command again without --resume is refused and changes nothing
     before = _tree_hash(stage)
-    line = _one_error_line(_cli(kdcache_main, sc.args))
+    line = error_line(invoke(kdcache_main, sc.args))
     assert "--resume" in line
     assert _tree_hash(stage) == before
 
     # --resume (same command) finishes it: byte-identical to a dump that was never interrupted
-    r = _cli(kdcache_main, [*sc.args, "--resume"])
+    r = invoke(kdcache_main, [*sc.args, "--resume"])
     assert r.exit_code == 0, r.output
     extra = [a for a in sc.extra if a != "killds:digits" and a != "--dataset"]
     _assert_same_arrays(sc.out, reference(sc.suffix, *extra))
     assert not os.path.exists(sc.out + ".lock")
     if sc.suffix == ".h5":
         assert not os.path.exists(sc.out + ".partial.zarr") and not os.path.exists(sc.out + ".tmp")
-    assert _cli(kdcache_main, ["verify", sc.out]).exit_code == 0
+    assert invoke(kdcache_main, ["verify", sc.out]).exit_code == 0
 
 
 # --- the write lock -------------------------------------------------------------------------------
@@ -451,13 +438,13 @@ def test_second_dump_refused_and_lock_not_stuck_after_sigkill(scenarios, referen
     sc = scenarios["lock"]
     _wait_for_marker(sc)  # the first dump holds the lock, hung after chunk 7
     for flags in ([], ["--resume"], ["--overwrite"]):
-        line = _one_error_line(_cli(kdcache_main, [*sc.args, *flags]))
+        line = error_line(invoke(kdcache_main, [*sc.args, *flags]))
         assert "another dump" in line and f"pid {sc.pid}" in line
     assert sc.ended() is None, "the refused dumps must not disturb the one holding the lock"
 
     _sigkill(sc)
     assert os.path.exists(sc.out + ".lock")  # the file stays, but the OS dropped the flock with the process
-    r = _cli(kdcache_main, [*sc.args, "--resume"])
+    r = invoke(kdcache_main, [*sc.args, "--resume"])
     assert r.exit_code == 0, r.output
     assert not os.path.exists(sc.out + ".lock")
     _assert_same_arrays(sc.out, reference(".zarr"))
@@ -469,7 +456,7 @@ def test_kdtrain_refuses_a_killed_dump_as_partial_not_corrupt(scenarios, work):
     sc = scenarios["train"]
     _wait_for_marker(sc)
     _sigkill(sc)
-    line = _one_error_line(_kdtrain(sc.out, work / "run-train"))  # default --cache-ram 1GiB: loaded whole
+    line = error_line(_kdtrain(sc.out, work / "run-train"))  # default --cache-ram 1GiB: loaded whole
     assert "partial" in line and "--resume" in line and "corrupt" not in line
 
 
@@ -489,7 +476,7 @@ def test_disk_full_is_one_clean_line_then_resume_completes(work, reference, tmp_
     out = str(tmp_path / f"full{suffix}")
     args = _dump_args(work, out, "--topk", 3)
     monkeypatch.setattr(writer.ChunkWriter, "_write_chunk", full_disk)
-    line = _one_error_line(_cli(kdcache_main, args))
+    line = error_line(invoke(kdcache_main, args))
     assert "No space left" in line and "--resume" in line
     stage = out if suffix == ".zarr" else out + ".partial.zarr"
     g = zarr.open_group(stage, mode="r")
@@ -500,7 +487,7 @@ def test_disk_full_is_one_clean_line_then_resume_completes(work, reference, tmp_
         assert not os.path.exists(out)
 
     monkeypatch.setattr(writer.ChunkWriter, "_write_chunk", orig)
-    r = _cli(kdcache_main, [*args, "--resume"])
+    r = invoke(kdcache_main, [*args, "--resume"])
     assert r.exit_code == 0, r.output
     _assert_same_arrays(out, reference(suffix, "--topk", 3))
 
@@ -522,7 +509,7 @@ def test_unwritable_output_folder_is_one_clean_line(scenarios, work, tmp_path):
         try:
             if os.access(parent, os.W_OK):
                 pytest.skip("chmod 0o500 does not stop writes here")
-            line = _one_error_line(_cli(kdcache_main, _dump_args(work, parent / "c.zarr")))
+            line = error_line(invoke(kdcache_main, _dump_args(work, parent / "c.zarr")))
         finally:
             parent.chmod(0o700)
     else:
@@ -542,5 +529,5 @@ def test_unwritable_output_folder_is_one_clean_line(scenarios, work, tmp_path):
 def test_output_under_a_regular_file_is_one_clean_line(work, tmp_path):
     (tmp_path / "plain-file").write_text("x")
     out = tmp_path / "plain-file" / "c.h5"
-    line = _one_error_line(_cli(kdcache_main, _dump_args(work, out)))
+    line = error_line(invoke(kdcache_main, _dump_args(work, out)))
     assert "plain-file" in line

@@ -153,7 +153,7 @@ def test_each_section_names_existing_cli_tests():
             assert re.search(rf"^\s*def {name}\(", f.read_text(), re.MULTILINE), f"{command}: no {name} in {path}"
         # at least one of them drives the CLI (the in-process click runner or the console script)
         texts = [(ROOT / p).read_text() for p, _ in refs]
-        assert any(re.search(r"kdcache_main|kdtrain_main|KDCACHE_BIN|\bcli\(", t) for t in texts), command
+        assert any(re.search(r"kdcache_main|kdtrain_main|KDCACHE_BIN|\b(cli|kd|kt)\(", t) for t in texts), command
 
 
 # --- bad inputs: one clean line each -----------------------------------------------------------------

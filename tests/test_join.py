@@ -8,28 +8,10 @@ import shutil
 
 import numpy as np
 import pytest
+from clitools import assert_same_arrays, error_line, ok
 
 N = 1437  # digits train split
 ALIGNED = ["--chunk-rows", "256", "--topk", "3", "--views", "2", "--augment", "rrc(0.35,1)+flip", "--seed", "3"]
-
-
-def ok(r) -> str:
-    assert r.exit_code == 0, r.output
-    return r.stdout
-
-
-def error_line(r) -> str:
-    assert r.exit_code == 1, r.output
-    lines = r.stderr.splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), r.stderr
-    return lines[0]
-
-
-def assert_same_arrays(got: dict, want: dict) -> None:
-    assert sorted(got) == sorted(want)
-    for name, a in want.items():
-        assert got[name].dtype == a.dtype and got[name].shape == a.shape, name
-        assert got[name].tobytes() == a.tobytes(), name
 
 
 @pytest.fixture(scope="module")

@@ -25,7 +25,7 @@ import numpy as np
 import pytest
 import torch
 import zarr
-from click.testing import CliRunner
+from clitools import error_line, invoke
 
 import kdcache
 from kdcache.cli import kdcache_main, kdtrain_main
@@ -44,23 +44,10 @@ REDUCE = {"__reduce__": ["os.system", ["touch PWNED"]], "py/object": "os.system"
 HOSTILE = [PY, TEMPLATE, SHELL, YAML, FMT]
 
 
-def _cli(main, args):
-    return CliRunner().invoke(main, [str(a) for a in args])
-
-
 def _no_pwned(*roots: Path) -> None:
     for root in roots:
         hits = [str(p) for p in Path(root).rglob("PWNED*")]
         assert not hits, hits
-
-
-def _one_error_line(r) -> str:
-    assert r.exit_code == 1, (r.exit_code, r.output)
-    assert r.exception is None or isinstance(r.exception, SystemExit), repr(r.exception)
-    assert "Traceback" not in r.output
-    lines = r.stderr.splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), r.stderr
-    return lines[0]
 
 
 @pytest.fixture(scope="module")
@@ -71,7 +58,7 @@ def made(tmp_path_factory, save_teacher):
     args = ["dump", "--teacher", "mlp", "--weights", d / "teacher.pt", "--dataset", "digits", "--image-size", 8,
             "--chunk-rows", 128, "--device", "cpu", "--quiet", "--topk", 3]
     for name in ("c.zarr", "c.h5"):
-        r = _cli(kdcache_main, [*args, "--out", d / name])
+        r = invoke(kdcache_main, [*args, "--out", d / name])
         assert r.exit_code == 0, r.output
     return {"dir": d, "teacher": str(d / "teacher.pt"), "dump_args": args,
             "zarr": str(d / "c.zarr"), "h5": str(d / "c.h5")}
@@ -111,14 +98,14 @@ def test_hostile_attribute_strings_are_only_data(made, tmp_path, monkeypatch, ba
     monkeypatch.chdir(tmp_path)
     path = _hostile_copy(made, backend, tmp_path)
 
-    r = _cli(kdcache_main, ["info", path])
+    r = invoke(kdcache_main, ["info", path])
     assert r.exit_code == 0, r.output
     for s in (PY, TEMPLATE, SHELL + " " + YAML, "7*7"):
         assert s in r.stdout, s
     classes = next(ln for ln in r.stdout.splitlines() if ln.strip().startswith("classes:"))
     assert ", ".join(HOSTILE) in classes
 
-    r = _cli(kdcache_main, ["info", path, "--json"])
+    r = invoke(kdcache_main, ["info", path, "--json"])
     assert r.exit_code == 0, r.output
     s = json.loads(r.stdout)
     assert s["command"] == SHELL + " " + YAML and s["tool"] == PY and s["created"] == TEMPLATE
@@ -126,15 +113,15 @@ def test_hostile_attribute_strings_are_only_data(made, tmp_path, monkeypatch, ba
     assert s["teacher_weights"] == dict(REDUCE, sha256=TEMPLATE, source=SHELL)
     assert s["fingerprint"] == "sha256:" + SHELL
 
-    r = _cli(kdcache_main, ["info", path, "--markdown"])
+    r = invoke(kdcache_main, ["info", path, "--markdown"])
     assert r.exit_code == 0, r.output
     cell = (SHELL + " " + YAML).replace("|", "\\|").replace("`", "'")  # escaped so it cannot end a cell or span
     assert f"`{PY}`" in r.stdout and f"`{cell}`" in r.stdout and TEMPLATE in r.stdout
 
-    r = _cli(kdcache_main, ["verify", path])  # the arrays are sound: the strings are nobody's business
+    r = invoke(kdcache_main, ["verify", path])  # the arrays are sound: the strings are nobody's business
     assert r.exit_code == 0 and r.stdout.startswith("ok: "), r.output
 
-    line = _one_error_line(_cli(kdtrain_main, ["--cache", path, "--student", "mlp", "--epochs", 1, "--quiet",
+    line = error_line(invoke(kdtrain_main, ["--cache", path, "--student", "mlp", "--epochs", 1, "--quiet",
                                                "--no-plots", "--device", "cpu", "--out", tmp_path / "run"]))
     assert "does not match" in line and "class_names" in line
     assert repr(HOSTILE[0])[:40] in line  # shown as a (shortened) Python repr: data
@@ -152,7 +139,7 @@ def test_yaml_document_as_the_attribute_runs_nothing(made, tmp_path, monkeypatch
     with h5py.File(path, "r+") as f:
         f.attrs["kdcache"] = "--- " + YAML + "\nformat: kdcache\n"
     for args in (["info", path], ["info", path, "--json"], ["verify", path]):
-        r = _cli(kdcache_main, args)
+        r = invoke(kdcache_main, args)
         assert r.exit_code != 0, r.output  # refused (a traceback today: see test_verify's attrs-not-json bug)
     _no_pwned(tmp_path)
 
@@ -163,8 +150,8 @@ def test_attribute_strings_cannot_forge_info_lines(made, tmp_path):
     g = zarr.open_group(path, mode="r+")
     g.attrs["kdcache"] = dict(g.attrs["kdcache"]) | {
         "command": "kdcache dump\n teacher top-1: 99.99% (forged)\n| Forged | row |\x1b[2J"}
-    text = _cli(kdcache_main, ["info", path]).stdout
-    card = _cli(kdcache_main, ["info", path, "--markdown"]).stdout
+    text = invoke(kdcache_main, ["info", path]).stdout
+    card = invoke(kdcache_main, ["info", path, "--markdown"]).stdout
     assert not any(ln.lstrip().startswith("teacher top-1: 99.99%") for ln in text.splitlines())
     assert "\x1b" not in text
     assert not any(ln.startswith("| Forged |") for ln in card.splitlines())
@@ -191,7 +178,7 @@ def test_cache_attributes_cannot_make_kdtrain_import_code(made, tmp_path, monkey
     g = zarr.open_group(path, mode="r+")
     a = dict(g.attrs["kdcache"])
     g.attrs["kdcache"] = a | {"dataset": dict(a["dataset"], spec="kdt_trust_factory:digits")}
-    _cli(kdtrain_main, ["--cache", path, "--student", "mlp", "--student-arg", "hidden=(8,)", "--epochs", 1,
+    invoke(kdtrain_main, ["--cache", path, "--student", "mlp", "--student-arg", "hidden=(8,)", "--epochs", 1,
                         "--batch-size", 512, "--quiet", "--no-plots", "--device", "cpu", "--out", tmp_path / "run"])
     _no_pwned(tmp_path)
 
@@ -232,7 +219,7 @@ def test_pickle_checkpoint_is_refused_without_running_it(made, tmp_path, monkeyp
     for name, path in _evil_checkpoints(tmp_path, str(marker)).items():
         args = list(made["dump_args"])
         args[args.index("--weights") + 1] = path
-        line = _one_error_line(_cli(kdcache_main, [*args, "--out", tmp_path / f"{name}.zarr"]))
+        line = error_line(invoke(kdcache_main, [*args, "--out", tmp_path / f"{name}.zarr"]))
         assert path in line and ("refusing to unpickle code" in line or "not a readable torch checkpoint" in line), \
             (name, line)
         assert not marker.exists(), f"{name}: unpickling ran code"
@@ -247,10 +234,10 @@ def test_kdtrain_resume_refuses_a_pickle_last_pt_cleanly(tmp_path, monkeypatch):
     run.mkdir()
     torch.save({"model": _Boom(str(marker)), "epoch": 1}, run / "last.pt")
     (run / "log.csv").write_text("epoch\n1\n")
-    r = _cli(kdtrain_main, ["--student", "mlp", "--epochs", 2, "--quiet", "--no-plots", "--device", "cpu",
+    r = invoke(kdtrain_main, ["--student", "mlp", "--epochs", 2, "--quiet", "--no-plots", "--device", "cpu",
                             "--out", run, "--resume"])
     assert not marker.exists()
-    assert "last.pt" in _one_error_line(r)
+    assert "last.pt" in error_line(r)
 
 
 def test_pickle_planted_in_a_cache_is_never_opened(made, tmp_path, monkeypatch):
@@ -273,7 +260,7 @@ def test_pickle_planted_in_a_cache_is_never_opened(made, tmp_path, monkeypatch):
     monkeypatch.setattr(np, "load", no_unpickling)
 
     for args in (["info", path], ["info", path, "--json"], ["info", path, "--markdown"], ["verify", path]):
-        r = _cli(kdcache_main, args)
+        r = invoke(kdcache_main, args)
         assert r.exit_code == 0, (args, r.output)
     with open_cache(path) as cache:
         b = cache.read(np.arange(N))

@@ -23,16 +23,12 @@ import numpy as np
 import pytest
 import torch
 import zarr
-from click.testing import CliRunner
+from clitools import error_line, invoke
 
 from kdcache.cli import kdcache_main, kdtrain_main
 
 N, ROWS, N_CHUNKS = 1437, 128, 12
 PER_VIEW = ("values", "indices", "tail", "views")
-
-
-def _cli(main, args):
-    return CliRunner().invoke(main, [str(a) for a in args])
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +48,7 @@ def sound(tmp_path_factory, save_teacher):
     }
     out = {}
     for name, extra in made.items():
-        r = _cli(kdcache_main, [*base, *extra, "--out", d / name])
+        r = invoke(kdcache_main, [*base, *extra, "--out", d / name])
         assert r.exit_code == 0, r.output
         out[name] = str(d / name)
     return out
@@ -114,7 +110,7 @@ def _h5_chunk_offset(path: str, name: str, c: int) -> int:
 
 def _verify_failure(path: str) -> str:
     """Run `kdcache verify`; it must fail cleanly. Returns stderr (problem lines, then the error line)."""
-    r = _cli(kdcache_main, ["verify", path])
+    r = invoke(kdcache_main, ["verify", path])
     assert r.exit_code == 1, (r.exit_code, r.output)
     assert r.exception is None or isinstance(r.exception, SystemExit), repr(r.exception)
     assert "Traceback" not in r.output and r.stdout == ""
@@ -128,7 +124,7 @@ def _verify_failure(path: str) -> str:
 
 @pytest.mark.parametrize("name", ["raw.zarr", "raw.h5", "blosc.zarr", "gzip.h5", "views.zarr", "full.zarr"])
 def test_sound_cache_verifies_ok(sound, name):
-    r = _cli(kdcache_main, ["verify", sound[name]])
+    r = invoke(kdcache_main, ["verify", sound[name]])
     assert r.exit_code == 0, r.output
     assert r.stdout.startswith(f"ok: {sound[name]}: {N} samples, {N_CHUNKS} chunks") and r.stderr == ""
 
@@ -417,25 +413,16 @@ def test_verify_missing_and_foreign_paths(tmp_path):
 # --- kdtrain meets a corrupt chunk -------------------------------------------------------------------
 
 def _kdtrain(cache: str, out, *extra):
-    return _cli(kdtrain_main, ["--cache", cache, "--student", "mlp", "--student-arg", "hidden=(8,)",
+    return invoke(kdtrain_main, ["--cache", cache, "--student", "mlp", "--student-arg", "hidden=(8,)",
                                "--cache-ram", 0, "--batch-size", 256, "--quiet", "--no-plots", "--device", "cpu",
                                "--out", out, *extra])
-
-
-def _one_error_line(r) -> str:
-    assert r.exit_code == 1, (r.exit_code, r.output)
-    assert r.exception is None or isinstance(r.exception, SystemExit), repr(r.exception)
-    assert "Traceback" not in r.output
-    lines = r.stderr.splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), r.stderr
-    return lines[0]
 
 
 def test_kdtrain_stops_at_a_corrupt_chunk_with_one_line(sound, tmp_path):
     path = _copy(sound["raw.zarr"], tmp_path)
     _flip(_chunk_file(path), 300)
     run = tmp_path / "run"
-    line = _one_error_line(_kdtrain(path, run, "--epochs", 2))
+    line = error_line(_kdtrain(path, run, "--epochs", 2))
     assert re.search(r"chunk 5 \(rows 640-767, view 0\) of .*raw\.zarr fails its checksum", line), line
     assert "kdcache verify" in line
     assert not (run / "last.pt").exists() and not (run / "metrics.json").exists()
@@ -459,7 +446,7 @@ def test_kdtrain_corrupt_chunk_in_epoch_2_keeps_epoch_1_checkpoint(sound, tmp_pa
 
     monkeypatch.setattr(run_dir.RunDir, "end_epoch", end_epoch)
     run = tmp_path / "run"
-    line = _one_error_line(_kdtrain(path, run, "--epochs", 3))
+    line = error_line(_kdtrain(path, run, "--epochs", 3))
     assert re.search(r"chunk 5 \(rows 640-767, view 0\) of .* fails its checksum", line), line
     last = torch.load(run / "last.pt", map_location="cpu", weights_only=True)
     best = torch.load(run / "best.pt", map_location="cpu", weights_only=True)

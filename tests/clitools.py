@@ -1,0 +1,86 @@
+"""Test helpers: run the CLI in-process and hold its results to the project's promises; read caches plainly.
+
+`read_plain` and `tree_hash` use only zarr/h5py/hashlib; kdcache itself is imported only when a CLI call
+runs, so tests/test_conformance.py can share this module without importing kdcache.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+
+
+def invoke(main, args: list) -> object:
+    """click Result of `main ARGS` invoked in-process (stdout and stderr kept apart; args str()-ed)."""
+    from click.testing import CliRunner
+
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def kd(*args):
+    """`kdcache ARGS` in-process."""
+    from kdcache.cli import kdcache_main
+
+    return invoke(kdcache_main, list(args))
+
+
+def kt(*args):
+    """`kdtrain ARGS` in-process."""
+    from kdcache.cli import kdtrain_main
+
+    return invoke(kdtrain_main, list(args))
+
+
+def ok(r) -> str:
+    """stdout of a CLI call that must have succeeded."""
+    assert r.exit_code == 0, (r.exit_code, r.output, repr(r.exception))
+    return r.stdout
+
+
+def error_line(r, code: int = 1, problem_lines: bool = False) -> str:
+    """The one line a failed CLI call prints: exit `code`, no traceback, exactly one `error: …` line on stderr.
+
+    With `problem_lines` (kdcache verify), `PATH: problem` lines may come before that line.
+    """
+    assert r.exit_code == code, (r.exit_code, r.output, repr(r.exception))
+    assert r.exception is None or isinstance(r.exception, SystemExit), repr(r.exception)
+    assert "Traceback" not in r.output
+    lines = r.stderr.splitlines()
+    if problem_lines:
+        assert lines and all(not ln.startswith("error: ") for ln in lines[:-1]), r.stderr
+        lines = lines[-1:]
+    assert len(lines) == 1 and lines[0].startswith("error: "), r.stderr
+    return lines[0]
+
+
+def read_plain(path: str) -> tuple[dict[str, np.ndarray], dict]:
+    """Every array and the `kdcache` attribute dict of a .zarr, .zip or .h5 cache, with plain zarr/h5py."""
+    path = str(path)
+    if path.endswith((".h5", ".hdf5")):
+        import h5py
+
+        with h5py.File(path, "r") as f:
+            return {k: f[k][...] for k in f}, json.loads(f.attrs["kdcache"])
+    import zarr
+
+    store = zarr.storage.ZipStore(path, mode="r") if path.endswith(".zip") else path
+    g = zarr.open_group(store, mode="r")
+    return {k: np.asarray(a[...]) for k, a in g.arrays()}, dict(g.attrs["kdcache"])
+
+
+def assert_same_arrays(got: dict[str, np.ndarray], want: dict[str, np.ndarray]) -> None:
+    """The same array names, dtypes, shapes and bytes."""
+    assert sorted(got) == sorted(want)
+    for name, a in want.items():
+        assert got[name].dtype == a.dtype and got[name].shape == a.shape, name
+        assert got[name].tobytes() == a.tobytes(), f"{name} differs"
+
+
+def tree_hash(path: str) -> dict[str, str]:
+    """sha256 of every file under path (or of path itself if it is a file), by name relative to its parent."""
+    p = Path(path)
+    files = [p] if p.is_file() else sorted(q for q in p.rglob("*") if q.is_file())
+    return {str(q.relative_to(p.parent)): hashlib.sha256(q.read_bytes()).hexdigest() for q in files}
