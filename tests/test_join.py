@@ -26,7 +26,8 @@ def test_range_cache_records_its_rows_and_verifies(cli, ranges, read_plain):
     full, full_attrs = read_plain(ranges[""])
     assert attrs["n"] == 512 and attrs["dataset"]["n"] == N and attrs["chunk_rows"] == 256
     assert attrs["rows"]["start"] == 512 and attrs["rows"]["stop"] == 1024 and full_attrs["rows"] is None
-    assert attrs["dump"]["rows"] == [512, 1024] and attrs["version"] == "1.1"
+    assert attrs["dump"]["rows"] == [512, 1024] and full_attrs["version"] == "1.1"
+    assert attrs["version"] == "2.0"  # a range cache: kdcache readers before 1.1 refuse it instead of misreading it
     # the rows are the whole dump's rows 512..1023, views included (views hash the dataset index, not the row)
     for name in ("values", "indices", "tail", "views", "labels"):
         assert np.array_equal(arrays[name], full[name][512:1024]), name
@@ -88,7 +89,8 @@ def test_join_refuses_gaps_overlaps_and_strangers(cli, ranges, dump_cache, tmp_p
     assert "rows 512:1024 are in none of the caches" in line and "--rows 512:1024" in line
     assert "overlap" in error_line(cli("join", a, ranges[""], "--out", out))
     assert "overlap" in error_line(cli("join", a, a, "--out", out))
-    other = dump_cache(".zarr", *[x if x != "3" else "4" for x in ALIGNED], "--rows", "512:1024")  # --topk 4
+    topk = ALIGNED.index("--topk") + 1
+    other = dump_cache(".zarr", *ALIGNED[:topk], "4", *ALIGNED[topk + 1:], "--rows", "512:1024")
     line = error_line(cli("join", a, other, "--out", out))
     assert "k differs (3 vs 4)" in line
     assert "at least two" in error_line(cli("join", a, "--out", out))
@@ -172,3 +174,45 @@ def test_chunk_batches_are_lazy_chunk_aligned_and_offset():
     assert [(x[0], x[-1]) for x in got] == [(5768, 5867), (5868, 5967), (5968, 5999),
                                             (5256, 5355), (5356, 5455), (5456, 5511)]
     assert len(b) == len(got) == 6 and b.rows == 232 + 256
+
+
+def test_join_members_may_differ_in_batch_size_and_compressor(cli, dump_cache, read_plain, tmp_path):
+    """Machines pick their own batch size: the join is still exact, and records what it cannot vouch for."""
+    args = ["--chunk-rows", "256", "--dtype", "float32"]
+    full, _ = read_plain(dump_cache(".zarr", *args))
+    a = dump_cache(".zarr", *args, "--rows", ":512", "--compressor", "zstd")
+    b = dump_cache(".zarr", *args, "--rows", "512:", "--compressor", "zstd", "--batch-size", "100")
+    out = str(tmp_path / "mixed.zarr")
+    ok(cli("join", a, b, "--out", out))
+    got, attrs = read_plain(out)
+    assert attrs["dump"]["batch_size"] is None and attrs["compressor"] == "zstd"  # shared compressor kept
+    np.testing.assert_allclose(got["values"], full["values"], rtol=0, atol=1e-5)
+    assert np.array_equal(got["labels"], full["labels"]) and ok(cli("verify", out)).startswith("ok: ")
+    h5 = str(tmp_path / "mixed.h5")  # zstd is not an HDF5 filter: the backend's default instead
+    ok(cli("join", a, b, "--out", h5))
+    assert read_plain(h5)[1]["compressor"] == "gzip"
+
+
+def test_join_refuses_a_member_with_changed_labels(cli, ranges, tmp_path):
+    bad = str(tmp_path / "bad.zarr")
+    shutil.copytree(ranges["0:512"], bad)
+    import zarr
+
+    labels = zarr.open_group(bad, mode="r+")["labels"]
+    labels[7] = (int(labels[7]) + 1) % 10
+    line = error_line(cli("join", bad, ranges["512:1024"], "--out", tmp_path / "x.zarr"))
+    assert f"the labels of {bad} do not match its labels_sha256" in line and "kdcache verify" in line
+    assert not (tmp_path / "x.zarr").exists()
+
+
+def test_damaged_rows_attribute_is_one_line(cli, ranges, tmp_path):
+    bad = str(tmp_path / "bad.zarr")
+    shutil.copytree(ranges["512:1024"], bad)
+    meta = os.path.join(bad, "zarr.json")
+    doc = json.loads(open(meta).read())
+    doc["attributes"]["kdcache"]["rows"] = [512, 1024]
+    open(meta, "w").write(json.dumps(doc))
+    assert "rows attribute is damaged" in error_line(cli("info", bad))
+    assert "rows attribute is damaged" in error_line(cli("join", bad, ranges["0:512"], "--out", tmp_path / "x.zarr"))
+    r = cli("verify", bad)
+    assert r.exit_code == 1 and "rows should be null or an object with int start and stop" in r.stderr

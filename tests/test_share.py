@@ -265,16 +265,16 @@ def versioned(work, cache):
 @pytest.mark.parametrize("suffix", [".zarr", ".h5"])
 @pytest.mark.parametrize("command", ["info", "verify", "kdtrain"])
 def test_newer_major_version_refused(versioned, work, command, suffix):
-    path = versioned("2.0", suffix)
+    path = versioned("3.0", suffix)
     if command == "kdtrain":
-        r = kt(*train_args(path, work / f"run-v2{suffix}"))
+        r = kt(*train_args(path, work / f"run-v3{suffix}"))
     else:
         r = kd(command, path)
     line = error_line(r, problem_lines=command == "verify")
     if command == "verify":  # verify lists each problem on its own line, then one summary error line
         assert "failed verification (1 problem(s))" in line
         line = next(ln for ln in r.stderr.splitlines() if ln.startswith(f"{path}: "))
-    assert "version 2.0" in line and "upgrade kdcache" in line, line
+    assert "version 3.0" in line and "upgrade kdcache" in line, line
 
 
 def test_newer_minor_version_read(versioned, work):

@@ -14,6 +14,7 @@ from kdcache.cache.format import FORMAT_NAME, STATUS_PARTIAL, Layout
 from kdcache.cache.lock import WriteLock
 from kdcache.cache.store import (
     backend_for,
+    check_compressor,
     create_zarr,
     default_compressor,
     ensure_parent,
@@ -26,6 +27,12 @@ from kdcache.cache.store import (
 )
 from kdcache.cache.writer import ChunkWriter
 from kdcache.errors import KDCacheError
+
+
+def refuse_foreign(path: str) -> None:
+    """Refuse to touch what is at `path` unless it is a kdcache cache (never deleted, even with --overwrite)."""
+    if read_attrs(path).get("format") != FORMAT_NAME:
+        raise KDCacheError(f"{path} exists and is not a kdcache cache: refusing to touch it; choose another --out")
 
 
 def check_target(out: str, inputs: list[str], verb: str) -> None:
@@ -41,15 +48,21 @@ def check_target(out: str, inputs: list[str], verb: str) -> None:
 
 
 @contextmanager
-def derived_cache(out: str, layout: Layout, attrs: dict, overwrite: bool) -> Iterator[ChunkWriter]:
+def derived_cache(out: str, layout: Layout, attrs: dict, overwrite: bool,
+                  compressor: str | None = None) -> Iterator[ChunkWriter]:
     """A writer for a new cache at `out` (call check_target first); finalised when the block ends cleanly.
+
+    `compressor` is used when the output's backend offers it, else the backend's default.
 
     An existing output is replaced only with `overwrite`, and never when it is not a kdcache cache.
     If the block fails, what was written stays a `partial` staging store, never a complete-looking cache.
     """
     backend = backend_for(out)
     stage = staging_path(out)
-    compressor = default_compressor(backend)
+    try:
+        check_compressor(backend, compressor or "")
+    except KDCacheError:
+        compressor = default_compressor(backend)
     ensure_parent(out)
     with ExitStack() as stack:
         if not is_url(out):
@@ -59,9 +72,7 @@ def derived_cache(out: str, layout: Layout, attrs: dict, overwrite: bool) -> Ite
                 continue
             if not overwrite:
                 raise KDCacheError(f"{p} already exists: pass --overwrite to replace it, or choose another --out")
-            if read_attrs(p).get("format") != FORMAT_NAME:
-                raise KDCacheError(f"{p} exists and is not a kdcache cache: refusing to touch it; "
-                                   "choose another --out")
+            refuse_foreign(p)
             remove_tree(p)
         attrs = attrs | {"status": STATUS_PARTIAL, "compressor": compressor}
         store = create_zarr(stage, layout, compressor if backend == "zarr" else "none", attrs)

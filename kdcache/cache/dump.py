@@ -13,9 +13,9 @@ from torch.utils.data import DataLoader
 
 from kdcache import __version__
 from kdcache.cache import finalize
+from kdcache.cache.derive import refuse_foreign
 from kdcache.cache.format import (
     FORMAT_NAME,
-    FORMAT_VERSION,
     STATUS_PARTIAL,
     TAIL_DEFINITION,
     VIEW_FIELDS,
@@ -23,6 +23,7 @@ from kdcache.cache.format import (
     default_chunk_rows,
     labels_sha256,
     parse_rows,
+    version_for,
 )
 from kdcache.cache.lock import WriteLock
 from kdcache.cache.store import (
@@ -41,7 +42,13 @@ from kdcache.cache.store import (
 )
 from kdcache.cache.writer import ChunkWriter, Rows
 from kdcache.data.datasets import SourceDataset, fingerprint, open_dataset
-from kdcache.data.views import AugmentSpec, Preprocess, identity_views, render, sample_views
+from kdcache.data.views import (
+    AugmentSpec,
+    Preprocess,
+    identity_views,
+    render,
+    sample_views,
+)
 from kdcache.device import autocast, pick_device
 from kdcache.dist import init_from_env, shutdown
 from kdcache.errors import KDCacheError
@@ -122,13 +129,10 @@ def _prepare_target(cfg: DumpConfig, layout: Layout, attrs: dict, compressor: st
     if path_exists(final) and final != stage:  # a finished HDF5 file
         if not cfg.overwrite:
             raise KDCacheError(f"{final} already exists: pass --overwrite to replace it, or choose another --out")
-        if read_attrs(final).get("format") != FORMAT_NAME:
-            raise KDCacheError(f"{final} exists and is not a kdcache cache: refusing to touch it; "
-                               "choose another --out")
+        refuse_foreign(final)
     if path_exists(stage):
+        refuse_foreign(stage)
         old = read_attrs(stage)
-        if old.get("format") != FORMAT_NAME:
-            raise KDCacheError(f"{stage} exists and is not a kdcache cache: refusing to touch it; choose another --out")
         if cfg.resume and old.get("status") == STATUS_PARTIAL:
             for key in RESUME_KEYS:
                 if old["dump"].get(key) != attrs["dump"].get(key):
@@ -152,8 +156,10 @@ def _prepare_target(cfg: DumpConfig, layout: Layout, attrs: dict, compressor: st
 def _build_attrs(cfg: DumpConfig, ds: SourceDataset, layout: Layout, teacher_id: dict, pre: Preprocess,
                  aug: AugmentSpec, fp: str, compressor: str, rows: tuple[int, int]) -> dict:
     whole = rows == (0, len(ds))
+    span = None if whole else {"start": rows[0], "stop": rows[1],
+                               "labels_sha256": labels_sha256(ds.labels[rows[0]:rows[1]])}
     return {
-        "format": FORMAT_NAME, "version": FORMAT_VERSION, "status": STATUS_PARTIAL, **layout.to_attrs(),
+        "format": FORMAT_NAME, "version": version_for(span), "status": STATUS_PARTIAL, **layout.to_attrs(),
         "tail": TAIL_DEFINITION if layout.k else None,
         "compressor": compressor,
         "teacher": {"name": cfg.teacher, "weights": teacher_id, "params": teacher_id.get("params"),
@@ -164,8 +170,7 @@ def _build_attrs(cfg: DumpConfig, ds: SourceDataset, layout: Layout, teacher_id:
                     "class_names": list(ds.info.class_names), "base_shape": list(ds.info.base_shape),
                     "fingerprint": fp, "labels_sha256": labels_sha256(ds.labels),
                     "labelled": int((ds.labels >= 0).sum())},
-        "rows": None if whole else {"start": rows[0], "stop": rows[1],
-                                    "labels_sha256": labels_sha256(ds.labels[rows[0]:rows[1]])},
+        "rows": span,
         "views": {"fields": list(VIEW_FIELDS), "augment": str(aug), "augment_spec": aug.to_json(), "seed": cfg.seed},
         "dump": {"teacher": cfg.teacher, "weights_sha256": teacher_id.get("sha256"), "dataset": ds.info.spec,
                  "split": ds.info.split, "fingerprint": fp, "topk": cfg.topk, "dtype": cfg.dtype,

@@ -15,9 +15,13 @@ import numpy as np
 from kdcache.errors import KDCacheError
 
 FORMAT_NAME = "kdcache"
-FORMAT_VERSION = "1.1"
+FORMAT_VERSION = "1.1"        # whole caches: readable by every 1.x reader
+RANGE_FORMAT_VERSION = "2.0"  # range caches: row i is dataset sample rows.start + i, which 1.x readers would miss
+READER_MAJOR = 2              # the newest major version this reader reads
 ATTR_KEY = "kdcache"
 VIEW_FIELDS = ("y0", "x0", "h", "w", "flip")
+PER_VIEW = ("values", "indices", "tail", "views")  # arrays with a view axis, in checksum order
+ROW_ARRAYS = (*PER_VIEW, "labels")                  # arrays with one row per sample
 STATUS_PARTIAL = "partial"
 STATUS_COMPLETE = "complete"
 TAIL_DEFINITION = "logsumexp of the teacher logits not in the top-k, at T=1"
@@ -118,10 +122,20 @@ def labels_sha256(labels: np.ndarray) -> str:
     return hashlib.sha256(memoryview(np.ascontiguousarray(labels, dtype="<i8"))).hexdigest()
 
 
+def version_for(rows: dict | None) -> str:
+    """The format version a cache with these `rows` is written as (see RANGE_FORMAT_VERSION)."""
+    return FORMAT_VERSION if rows is None else RANGE_FORMAT_VERSION
+
+
 def row_range(attrs: dict) -> tuple[int, int]:
-    """The dataset rows [start, stop) a cache holds: its `rows` (a range cache, 1.1+), else all N."""
+    """The dataset rows [start, stop) a cache holds: its `rows` (a range cache), else all N."""
     r = attrs.get("rows")
-    return (0, int(attrs["n"])) if r is None else (int(r["start"]), int(r["stop"]))
+    if r is None:
+        return 0, int(attrs["n"])
+    if not (isinstance(r, dict) and type(r.get("start")) is int and type(r.get("stop")) is int):
+        raise KDCacheError(f"the cache's rows attribute is damaged ({str(r)[:60]}): expected null or "
+                           "{start, stop}; run 'kdcache verify' on it")
+    return r["start"], r["stop"]
 
 
 def parse_rows(text: str | None, n: int) -> tuple[int, int]:
@@ -141,13 +155,10 @@ def parse_rows(text: str | None, n: int) -> tuple[int, int]:
     return start, stop
 
 
-CHECKSUM_ORDER = ("values", "indices", "tail", "views")
-
-
 def view_checksum(rows: dict[str, np.ndarray]) -> int:
     """CRC-32 of one chunk of one view: the C-order little-endian bytes of values, indices, tail, views."""
     crc = 0
-    for name in CHECKSUM_ORDER:
+    for name in PER_VIEW:
         if name in rows:
             a = np.ascontiguousarray(rows[name])
             crc = zlib.crc32(a.astype(a.dtype.newbyteorder("<"), copy=False).tobytes(), crc)
@@ -159,8 +170,8 @@ def check_version(attrs: dict, where: str) -> None:
     if attrs.get("format") != FORMAT_NAME:
         raise KDCacheError(f"{where} is not a kdcache cache (no '{ATTR_KEY}' attributes with format 'kdcache')")
     major = str(attrs.get("version", "0")).split(".")[0]
-    if not major.isdigit() or int(major) > int(FORMAT_VERSION.split(".")[0]):
+    if not major.isdigit() or int(major) > READER_MAJOR:
         raise KDCacheError(
             f"{where} has format version {attrs.get('version')}, newer than this kdcache reads "
-            f"({FORMAT_VERSION}); upgrade kdcache"
+            f"(up to {READER_MAJOR}.x); upgrade kdcache"
         )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 
+from kdcache.cache.format import row_range
 from kdcache.cache.reader import Cache
 
 NEAR_ONE_HOT_TOP1 = 0.99
@@ -35,7 +36,7 @@ def summary(cache: Cache) -> dict:
         warnings.append(f"partial cache: {int(done.sum())} of {len(done)} chunks written; finish it with --resume")
     return {
         "path": cache.path, "format": f"{a['format']} {a['version']}", "status": a["status"],
-        "n": cache.n, "rows": [a["rows"]["start"], a["rows"]["stop"]] if a.get("rows") else None,
+        "n": cache.n, "rows": list(row_range(a)) if a.get("rows") is not None else None,
         "dataset_n": a["dataset"]["n"], "num_classes": cache.num_classes, "kind": cache.kind, "k": cache.k,
         "n_views": cache.n_views,
         "value_dtype": a["value_dtype"], "compressor": a.get("compressor"), "chunk_rows": a["chunk_rows"],
@@ -46,10 +47,17 @@ def summary(cache: Cache) -> dict:
         "mean_entropy": stats.get("mean_entropy"), "topk_mass": stats.get("topk_mass"),
         "image_size": a["teacher"]["preprocess"]["image_size"],
         "dataset": a["dataset"]["spec"], "split": a["dataset"]["split"], "fingerprint": a["dataset"]["fingerprint"],
-        "labelled": int((cache.labels >= 0).sum()), "class_names": a["dataset"]["class_names"],
+        "labelled": _labelled(cache), "class_names": a["dataset"]["class_names"],
         "augment": a["views"]["augment"], "seed": a["views"]["seed"],
         "created": a["created"], "tool": a["tool"], "command": a["command"], "warnings": warnings,
     }
+
+
+def _labelled(cache: Cache) -> int | None:
+    """Labelled samples in this cache: the dataset's count, or for a range cache its own (once complete)."""
+    if cache.attrs.get("rows") is None:
+        return cache.attrs["dataset"].get("labelled")
+    return int((cache.labels >= 0).sum()) if cache.complete else None
 
 
 def _fmt_bytes(n: float | None) -> str:

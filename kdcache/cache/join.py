@@ -1,9 +1,11 @@
 """`kdcache join`: one cache from caches of one dump over disjoint, adjacent `--rows` ranges.
 
-Members must agree on everything but their rows (teacher, weights, dataset identity, layout,
-views); their ranges must not overlap or leave gaps. Rows are copied exactly (every member
-chunk is checksum-verified as it is read) and rechunked to the output's chunk rows. The result
-is a whole cache when the ranges cover the dataset, else a range cache over their union.
+Members must agree on the teacher, weights, dataset identity, layout and views (batch size and
+chunk rows may differ); their ranges must not overlap or leave gaps, and each member's labels must
+match its own hash. Rows are copied exactly (every member chunk is checksum-verified as it is read)
+and rechunked to the first range's chunk rows; the output keeps the members' compressor when they
+share one. The result is a whole cache when the ranges cover the dataset, else a range cache over
+their union.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import numpy as np
 
 from kdcache import __version__
 from kdcache.cache.derive import check_target, derived_cache
-from kdcache.cache.format import FORMAT_VERSION, Layout, labels_sha256, row_range
+from kdcache.cache.format import Layout, labels_sha256, row_range, version_for
 from kdcache.cache.reader import Cache, open_cache
 from kdcache.cache.writer import ChunkWriter, Rows
 from kdcache.errors import KDCacheError
@@ -45,6 +47,11 @@ def _check_members(caches: list[Cache]) -> None:
                 raise KDCacheError(
                     f"cannot join {first.path} and {other.path}: {key} differs ({str(ident[key])[:40]} vs "
                     f"{str(value)[:40]}); join the range caches of one dump command (same settings, other --rows)")
+    for c in caches:
+        want = (c.attrs["rows"] if c.attrs.get("rows") is not None else c.attrs["dataset"]).get("labels_sha256")
+        if labels_sha256(c.labels) != want:
+            raise KDCacheError(f"cannot join: the labels of {c.path} do not match its labels_sha256 (the cache is "
+                               f"damaged); run 'kdcache verify {c.path}'")
     for a, b in zip(caches, caches[1:]):
         (a0, a1), (b0, b1) = row_range(a.attrs), row_range(b.attrs)
         if b0 < a1:
@@ -55,14 +62,23 @@ def _check_members(caches: list[Cache]) -> None:
                                f"'kdcache dump ... --rows {a1}:{b0}' and join again")
 
 
-def _attrs(caches: list[Cache], layout: Layout, rows: tuple[int, int], labels: np.ndarray, command: str) -> dict:
+def _common(caches: list[Cache], get) -> object:
+    """The value every member has, or None when they differ."""
+    values = [get(c.attrs) for c in caches]
+    return values[0] if all(v == values[0] for v in values) else None
+
+
+def _attrs(caches: list[Cache], layout: Layout, rows: tuple[int, int], command: str) -> dict:
     first = caches[0].attrs
     whole = rows == (0, first["dataset"]["n"])
-    span = None if whole else {"start": rows[0], "stop": rows[1], "labels_sha256": labels_sha256(labels)}
+    span = None if whole else {"start": rows[0], "stop": rows[1],
+                               "labels_sha256": labels_sha256(np.concatenate([c.labels for c in caches]))}
     kept = {k: v for k, v in first.items() if k not in ("stats", "status", "compressor")}
+    batch_size = _common(caches, lambda a: a.get("dump", {}).get("batch_size"))  # null: the members differ
     return kept | {
-        "version": FORMAT_VERSION, **layout.to_attrs(), "rows": span,
-        "dump": first.get("dump", {}) | {"rows": None if whole else list(rows), "chunk_rows": layout.chunk_rows},
+        "version": version_for(span), **layout.to_attrs(), "rows": span,
+        "dump": first.get("dump", {}) | {"rows": None if whole else list(rows), "chunk_rows": layout.chunk_rows,
+                                         "batch_size": batch_size},
         "join": {"members": [{"path": c.path, "rows": list(row_range(c.attrs)), "created": c.attrs["created"],
                               "command": c.attrs["command"]} for c in caches]},
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -89,14 +105,11 @@ def join(paths: list[str], out: str, overwrite: bool = False, command: str = "")
         _check_members(caches)
         rows = row_range(caches[0].attrs)[0], row_range(caches[-1].attrs)[1]
         n_total = caches[0].attrs["dataset"]["n"]
-        labels = np.concatenate([c.labels for c in caches])
-        if rows == (0, n_total) and labels_sha256(labels) != caches[0].attrs["dataset"]["labels_sha256"]:
-            raise KDCacheError("cannot join: the members' labels do not match the dataset's labels_sha256; "
-                               "run 'kdcache verify' on each member")
         first = caches[0].layout
         layout = Layout(rows[1] - rows[0], first.n_views, first.num_classes, first.k, first.value_dtype,
                         first.chunk_rows)
-        with derived_cache(out, layout, _attrs(caches, layout, rows, labels, command), overwrite) as writer:
+        compressor = _common(caches, lambda a: a.get("compressor"))
+        with derived_cache(out, layout, _attrs(caches, layout, rows, command), overwrite, compressor) as writer:
             for cache in caches:
                 offset = row_range(cache.attrs)[0] - rows[0]
                 for c in range(cache.layout.n_chunks):

@@ -18,7 +18,7 @@ import torch
 
 from kdcache import __version__
 from kdcache.cache.derive import check_target, derived_cache
-from kdcache.cache.format import FORMAT_NAME, FORMAT_VERSION, Layout, default_chunk_rows
+from kdcache.cache.format import FORMAT_NAME, Layout, default_chunk_rows, version_for
 from kdcache.cache.reader import Cache, CacheBatch, open_cache
 from kdcache.cache.writer import Rows
 from kdcache.errors import KDCacheError
@@ -69,7 +69,7 @@ def _attrs(caches: list[Cache], layout: Layout, mode: str, temperature: float, w
     digest = hashlib.sha256("".join(str(m["weights_sha256"]) for m in members).encode()).hexdigest()
     first = caches[0].attrs
     return {
-        "format": FORMAT_NAME, "version": FORMAT_VERSION, **layout.to_attrs(),
+        "format": FORMAT_NAME, "version": version_for(first.get("rows")), **layout.to_attrs(),
         "tail": first.get("tail") if layout.k else None,
         "teacher": {"name": "ensemble(" + "+".join(m["teacher"] for m in members) + ")",
                     "weights": {"source": "merge", "sha256": digest}, "params": None,
@@ -102,8 +102,9 @@ def merge(paths: list[str], out: str, mode: str = "mean-prob", temperature: floa
         c0 = caches[0]
         topks = [c.k for c in caches if c.k is not None]
         k = max(topks) if topks else None
-        layout = Layout(c0.n, c0.n_views, c0.num_classes, k, "float16",
-                        min(default_chunk_rows(k or c0.num_classes, c0.n_views, "float16"), c0.n))
+        layout = Layout(c0.n, c0.n_views, c0.num_classes, k, "float16",  # chunk rows by the dataset, as dump
+                        min(default_chunk_rows(k or c0.num_classes, c0.n_views, "float16"),
+                            c0.attrs["dataset"]["n"]))
         attrs = _attrs(caches, layout, mode, temperature, weights, command)
         with derived_cache(out, layout, attrs, overwrite) as writer:
             for c in range(layout.n_chunks):

@@ -11,12 +11,17 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from kdcache.cache.format import STATUS_COMPLETE, Layout, check_version, view_checksum
+from kdcache.cache.format import (
+    PER_VIEW,
+    ROW_ARRAYS,
+    STATUS_COMPLETE,
+    Layout,
+    check_version,
+    view_checksum,
+)
 from kdcache.cache.store import Store, open_store, path_exists, staging_path
 from kdcache.errors import KDCacheError
 
-PER_VIEW = ("values", "indices", "tail", "views")
-ROW_ARRAYS = (*PER_VIEW, "labels")
 DEFAULT_LRU_BYTES = 16 << 20
 
 
@@ -153,6 +158,9 @@ class Cache:
         rows = fut.result() if fut is not None else self.read_chunk(c, view)
         size = sum(a.nbytes for a in rows.values())
         with self._lock:
+            old = self._lru.pop(key, None)  # another thread decoded it too: count it once
+            if old is not None:
+                self._lru_used -= sum(a.nbytes for a in old.values())
             self._lru[key] = rows
             self._lru_used += size
             while self._lru_used > self._lru_bytes and len(self._lru) > 1:

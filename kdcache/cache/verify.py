@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from kdcache.cache.format import (
+    PER_VIEW,
     REQUIRED_ATTRS,
     STATUS_COMPLETE,
     Layout,
@@ -14,8 +15,6 @@ from kdcache.cache.format import (
 )
 from kdcache.cache.store import Store, open_store
 from kdcache.errors import KDCacheError
-
-PER_VIEW = ("values", "indices", "tail", "views")
 
 
 def _schema(attrs: dict) -> list[str]:
@@ -41,7 +40,7 @@ def _schema(attrs: dict) -> list[str]:
     elif not (isinstance(rows, dict) and all(type(rows.get(k)) is int for k in ("start", "stop"))):
         problems.append("attributes: rows should be null or an object with int start and stop")
     elif not (0 <= rows["start"] and rows["stop"] - rows["start"] == attrs["n"]
-              and rows["stop"] <= attrs["dataset"].get("n", -1)):
+              and type(attrs["dataset"].get("n")) is int and rows["stop"] <= attrs["dataset"]["n"]):
         problems.append(f"attributes: rows {rows['start']}:{rows['stop']} do not hold n={attrs['n']} samples "
                         f"of a dataset of {attrs['dataset'].get('n')}")
     return problems

@@ -9,12 +9,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from kdcache.cache.format import Layout, view_checksum
+from kdcache.cache.format import PER_VIEW, ROW_ARRAYS, Layout, view_checksum
 from kdcache.cache.store import Store
 from kdcache.errors import KDCacheError
-
-PER_VIEW = ("values", "indices", "tail", "views")
-ROW_ARRAYS = (*PER_VIEW, "labels")
 
 
 @dataclass

@@ -56,7 +56,13 @@ from typing import Any, Callable
 import numpy as np
 from torch import Tensor
 
-from kdcache.data.sources import ArrayDataset, DatasetInfo, ImageFolderDataset, SourceDataset, WrappedDataset
+from kdcache.data.sources import (
+    ArrayDataset,
+    DatasetInfo,
+    ImageFolderDataset,
+    SourceDataset,
+    WrappedDataset,
+)
 from kdcache.errors import KDCacheError
 
 __all__ = [

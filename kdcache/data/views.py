@@ -26,7 +26,13 @@ from dataclasses import dataclass
 import numpy as np
 
 from kdcache.cache.format import VIEW_FIELDS
-from kdcache.data.render import IMAGENET_MEAN, IMAGENET_STD, Preprocess, render, view_grid
+from kdcache.data.render import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    Preprocess,
+    render,
+    view_grid,
+)
 from kdcache.errors import KDCacheError
 
 __all__ = [

@@ -70,6 +70,7 @@ class PairedLoader:
                             pin_memory=self.device.type == "cuda")
         nb = self.device.type == "cuda"
         ends = np.cumsum([self._rows(w) for w in windows])
+        last = [self._last_window(cache, windows) for cache in self.caches]
         seen_rows, fetched, released = 0, 0, 0
         for images, labels, idx in loader:
             idx_np = idx.numpy()
@@ -79,10 +80,8 @@ class PairedLoader:
                     cache.prefetch(self._cache_chunks(cache, windows[fetched]), view)
                 fetched += 1
             if released < current:  # every sample of the windows before this one has been read
-                for cache in self.caches:
-                    done = self._cache_chunks(cache, np.concatenate(windows[released:current]))
-                    ahead = set(self._cache_chunks(cache, np.concatenate(windows[current:current + 2])))
-                    cache.release([c for c in done if c not in ahead], view)
+                for cache, cache_last in zip(self.caches, last):
+                    cache.release([c for c, w in cache_last.items() if released <= w < current], view)
                 released = current
             seen_rows += len(idx_np)
             cb = [cache.read(idx_np, view) for cache in self.caches]
@@ -99,6 +98,10 @@ class PairedLoader:
     def _rows(self, sampler_chunks: np.ndarray) -> int:
         r = self.sampler.chunk_rows
         return sum(min((c + 1) * r, len(self.ds)) - c * r for c in sampler_chunks)
+
+    def _last_window(self, cache: Cache, windows: list[np.ndarray]) -> dict[int, int]:
+        """cache chunk -> the last window of this epoch that reads from it (caches may chunk differently)."""
+        return {c: w for w, chunks in enumerate(windows) for c in self._cache_chunks(cache, chunks)}
 
     def _cache_chunks(self, cache: Cache, sampler_chunks: np.ndarray) -> list[int]:
         """The cache's own chunk ids covering the sampler's chunks (caches may chunk differently)."""
