@@ -50,6 +50,8 @@ def test_join_of_aligned_ranges_is_byte_identical_to_one_dump(cli, ranges, read_
     assert "join" in differ and differ <= {"join", "command", "created"}
     assert [m["rows"] for m in attrs["join"]["members"]] == [[0, 512], [512, 1024], [1024, N]]
     assert ok(cli("verify", out)).startswith("ok: ")
+    assert "joined: from 3 range caches (rows 0:512, 512:1024, 1024:1437)" in ok(cli("info", out))
+    assert "| Joined | from 3 range caches" in ok(cli("info", out, "--markdown"))
 
     # joins nest: two ranges into an HDF5 range cache, then that with the third
     ab = str(tmp_path / "ab.h5")

@@ -49,6 +49,7 @@ def summary(cache: Cache) -> dict:
         "dataset": a["dataset"]["spec"], "split": a["dataset"]["split"], "fingerprint": a["dataset"]["fingerprint"],
         "labelled": _labelled(cache), "class_names": a["dataset"]["class_names"],
         "augment": a["views"]["augment"], "seed": a["views"]["seed"],
+        "joined_from": [m.get("rows") for m in a["join"]["members"]] if isinstance(a.get("join"), dict) else None,
         "created": a["created"], "tool": a["tool"], "command": a["command"], "warnings": warnings,
     }
 
@@ -90,6 +91,11 @@ def _rows(s: dict) -> str:
     return f"{s['rows'][0]}:{s['rows'][1]} of {s['dataset_n']} (a range cache: join the ranges before training)"
 
 
+def _joined(s: dict) -> str:
+    spans = [f"{r[0]}:{r[1]}" if isinstance(r, list) and len(r) == 2 else "?" for r in s["joined_from"]]
+    return f"from {len(spans)} range caches (rows {', '.join(spans)})"
+
+
 def as_text(s: dict) -> str:
     """Aligned `key: value` lines for the terminal."""
     kind = "full logits" if s["kind"] == "full" else f"top-{s['k']} logits + tail"
@@ -108,6 +114,7 @@ def as_text(s: dict) -> str:
         ("rows", _rows(s)),
         ("classes", ", ".join(names[:10]) + (f", … ({len(names)} in all)" if len(names) > 10 else "")),
         ("views", f"augment {s['augment']}, seed {s['seed']}"),
+        *([("joined", _joined(s))] if s["joined_from"] else []),
         ("created", f"{s['created']} by {s['tool']}"),
         ("command", s["command"] or "n/a"),
     ]
@@ -132,6 +139,7 @@ def as_markdown(s: dict) -> str:
          + f", {s['n_views']} view(s), {s['value_dtype']}"),
         ("Size", f"{_fmt_bytes(s['bytes_on_disk'])} ({_fmt_bytes(s['bytes_per_sample'])} per sample)"),
         ("Format", f"{s['format']}, status {s['status']}"),
+        *([("Joined", _joined(s))] if s["joined_from"] else []),
         ("Made by", f"{s['tool']}, {s['created']}"),
         ("Command", f"`{s['command']}`"),
     ]
