@@ -18,7 +18,6 @@ ENOSPC from the chunk writer, and an output folder the dump cannot write to.
 from __future__ import annotations
 
 import errno
-import hashlib
 import json
 import os
 import shutil
@@ -33,7 +32,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import zarr
-from clitools import error_line, invoke
+from clitools import assert_same_arrays, error_line, invoke, read_plain, tree_hash
 
 from kdcache.cli import kdcache_main, kdtrain_main
 
@@ -123,32 +122,12 @@ def digits(split, root=None):
 
 # --- helpers -------------------------------------------------------------------------------------
 
-def _read_plain(path: str) -> tuple[dict[str, np.ndarray], dict]:
-    """Every array and the `kdcache` attributes of a cache, with plain zarr/h5py only."""
-    if path.endswith(".zarr"):
-        g = zarr.open_group(path, mode="r")
-        return {name: np.asarray(a[...]) for name, a in g.arrays()}, dict(g.attrs["kdcache"])
-    import h5py
-
-    with h5py.File(path, "r") as f:
-        return {name: f[name][...] for name in f}, json.loads(f.attrs["kdcache"])
-
-
 def _assert_same_arrays(path: str, ref: str) -> None:
-    got, got_attrs = _read_plain(path)
-    want, want_attrs = _read_plain(ref)
-    assert sorted(got) == sorted(want)
-    for name in want:
-        assert got[name].dtype == want[name].dtype and got[name].shape == want[name].shape, name
-        assert got[name].tobytes() == want[name].tobytes(), f"{name} differs from the uninterrupted dump"
+    """A resumed cache equals the uninterrupted dump: every array byte for byte, and the same stats."""
+    (got, got_attrs), (want, want_attrs) = read_plain(path), read_plain(ref)
+    assert_same_arrays(got, want)
     assert got_attrs["status"] == "complete"
     assert got_attrs["stats"] == want_attrs["stats"]
-
-
-def _tree_hash(path: str) -> dict[str, str]:
-    p = Path(path)
-    return {str(q.relative_to(p)): hashlib.sha256(q.read_bytes()).hexdigest() for q in sorted(p.rglob("*"))
-            if q.is_file()}
 
 
 @pytest.fixture(scope="module")
@@ -416,10 +395,10 @@ def test_sigkill_then_resume_is_byte_identical(scenarios, reference, work, monke
     assert "partial" in line and "--resume" in line
 
     # the same command again without --resume is refused and changes nothing
-    before = _tree_hash(stage)
+    before = tree_hash(stage)
     line = error_line(invoke(kdcache_main, sc.args))
     assert "--resume" in line
-    assert _tree_hash(stage) == before
+    assert tree_hash(stage) == before
 
     # --resume (same command) finishes it: byte-identical to a dump that was never interrupted
     r = invoke(kdcache_main, [*sc.args, "--resume"])
