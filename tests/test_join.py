@@ -52,6 +52,13 @@ def test_join_of_aligned_ranges_is_byte_identical_to_one_dump(cli, ranges, read_
     assert ok(cli("verify", out)).startswith("ok: ")
     assert "joined: from 3 range caches (rows 0:512, 512:1024, 1024:1437)" in ok(cli("info", out))
     assert "| Joined | from 3 range caches" in ok(cli("info", out, "--markdown"))
+    damaged = str(tmp_path / "damaged.zarr")
+    shutil.copytree(out, damaged)
+    meta = os.path.join(damaged, "zarr.json")
+    doc = json.loads(open(meta).read())
+    doc["attributes"]["kdcache"]["join"] = {"members": None}  # the attribute is only described: no traceback
+    open(meta, "w").write(json.dumps(doc))
+    assert "joined" not in ok(cli("info", damaged))
 
     # joins nest: two ranges into an HDF5 range cache, then that with the third
     ab = str(tmp_path / "ab.h5")
@@ -141,6 +148,12 @@ def test_range_caches_refused_for_training_and_checked_on_resume(cli, ranges, du
     line = error_line(cli(*dump_args, *ALIGNED, "--rows", "0:600", "--out", part, "--resume"))
     assert "rows=[0, 512]" in line and "[0, 600]" in line
     ok(cli(*dump_args, *ALIGNED, "--rows", "0:512", "--out", part, "--resume"))
+    # a range dump begun under a 1.x version label still finishes as 2.0, which 1.x readers refuse
+    doc = json.loads(open(meta).read())
+    doc["attributes"]["kdcache"] |= {"status": "partial", "version": "1.1"}
+    open(meta, "w").write(json.dumps(doc))
+    ok(cli(*dump_args, *ALIGNED, "--rows", "0:512", "--out", part, "--resume"))
+    assert json.loads(open(meta).read())["attributes"]["kdcache"]["version"] == "2.0"
 
 
 def test_verify_checks_a_range_caches_rows(cli, ranges, tmp_path):
@@ -162,6 +175,7 @@ def test_merge_keeps_rows_and_refuses_different_ones(cli, ranges, read_plain, tm
     ok(cli("merge", a, a, "--out", out, "--mode", "mean-logit"))
     arrays, attrs = read_plain(out)
     assert attrs["rows"]["start"] == 0 and attrs["rows"]["stop"] == 512 and arrays["values"].shape[0] == 512
+    assert attrs["version"] == "2.0" and ok(cli("verify", out)).startswith("ok: ")
     np.testing.assert_array_equal(arrays["values"], read_plain(a)[0]["values"])  # mean of one teacher twice
     assert "rows differs" in error_line(cli("merge", a, ranges["512:1024"], "--out", tmp_path / "e2.zarr"))
 

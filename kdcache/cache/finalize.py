@@ -8,7 +8,7 @@ import os
 import numpy as np
 import torch
 
-from kdcache.cache.format import STATUS_COMPLETE, Layout
+from kdcache.cache.format import STATUS_COMPLETE, Layout, version_for
 from kdcache.cache.store import Store, backend_for, write_hdf5
 from kdcache.errors import KDCacheError
 
@@ -66,6 +66,7 @@ def finalize(store: Store, out: str, compressor: str) -> None:
     attrs = store.attrs
     attrs["stats"] = cache_stats(store, layout)
     attrs["status"] = STATUS_COMPLETE
+    attrs["version"] = version_for(attrs.get("rows"))  # a range dump begun as 1.1 and resumed ends as 2.0
     attrs["compressor"] = compressor
     if backend_for(out) == "zarr":
         store.set_attrs(attrs)

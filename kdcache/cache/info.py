@@ -49,7 +49,7 @@ def summary(cache: Cache) -> dict:
         "dataset": a["dataset"]["spec"], "split": a["dataset"]["split"], "fingerprint": a["dataset"]["fingerprint"],
         "labelled": _labelled(cache), "class_names": a["dataset"]["class_names"],
         "augment": a["views"]["augment"], "seed": a["views"]["seed"],
-        "joined_from": [m.get("rows") for m in a["join"]["members"]] if isinstance(a.get("join"), dict) else None,
+        "joined_from": _joined_from(a),
         "created": a["created"], "tool": a["tool"], "command": a["command"], "warnings": warnings,
     }
 
@@ -89,6 +89,14 @@ def _rows(s: dict) -> str:
     if s["rows"] is None:
         return f"all {s['n']}"
     return f"{s['rows'][0]}:{s['rows'][1]} of {s['dataset_n']} (a range cache: join the ranges before training)"
+
+
+def _joined_from(a: dict) -> list | None:
+    """The rows of each member of a joined cache (None when it was not joined; '?' where damaged)."""
+    members = a.get("join", {}).get("members") if isinstance(a.get("join"), dict) else None
+    if not isinstance(members, list):
+        return None
+    return [m.get("rows") if isinstance(m, dict) else None for m in members]
 
 
 def _joined(s: dict) -> str:
