@@ -232,3 +232,8 @@ def test_damaged_rows_attribute_is_one_line(cli, ranges, tmp_path):
     assert "rows attribute is damaged" in error_line(cli("join", bad, ranges["0:512"], "--out", tmp_path / "x.zarr"))
     r = cli("verify", bad)
     assert r.exit_code == 1 and "rows should be null or an object with int start and stop" in r.stderr
+    doc["attributes"]["kdcache"]["rows"] = {"start": 512, "stop": 1024}
+    del doc["attributes"]["kdcache"]["teacher"]
+    open(meta, "w").write(json.dumps(doc))
+    line = error_line(cli("join", bad, ranges["0:512"], "--out", tmp_path / "x.zarr"))
+    assert f"cannot join {bad}: its attributes are damaged (KeyError: 'teacher')" in line

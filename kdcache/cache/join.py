@@ -28,14 +28,18 @@ DATASET_KEYS = ("spec", "split", "n", "num_classes", "class_names", "fingerprint
 def _identity(c: Cache) -> dict:
     """What every member of a join must share: all but the rows."""
     a = c.attrs
-    return {
-        **{f"dataset {k}": a["dataset"].get(k) for k in DATASET_KEYS},
-        "teacher": a["teacher"]["name"], "teacher weights": a["teacher"]["weights"].get("sha256"),
-        "teacher arch_args": a["teacher"].get("arch_args"), "preprocess": a["teacher"]["preprocess"],
-        "kind": a["kind"], "k": a["k"], "num_classes": a["num_classes"], "value_dtype": a["value_dtype"],
-        "n_views": a["n_views"], "augment": a["views"]["augment"], "seed": a["views"]["seed"],
-        "merge": a.get("merge"),
-    }
+    try:
+        return {
+            **{f"dataset {k}": a["dataset"].get(k) for k in DATASET_KEYS},
+            "teacher": a["teacher"]["name"], "teacher weights": a["teacher"]["weights"].get("sha256"),
+            "teacher arch_args": a["teacher"].get("arch_args"), "preprocess": a["teacher"]["preprocess"],
+            "kind": a["kind"], "k": a["k"], "num_classes": a["num_classes"], "value_dtype": a["value_dtype"],
+            "n_views": a["n_views"], "augment": a["views"]["augment"], "seed": a["views"]["seed"],
+            "merge": a.get("merge"), "created": a["created"], "command": a["command"],
+        }
+    except (KeyError, TypeError, AttributeError) as e:
+        raise KDCacheError(f"cannot join {c.path}: its attributes are damaged ({type(e).__name__}: {e}); "
+                           f"run 'kdcache verify {c.path}'") from None
 
 
 def _check_members(caches: list[Cache]) -> None:
@@ -43,7 +47,7 @@ def _check_members(caches: list[Cache]) -> None:
     first, ident = caches[0], _identity(caches[0])
     for other in caches[1:]:
         for key, value in _identity(other).items():
-            if value != ident[key]:
+            if value != ident[key] and key not in ("created", "command"):
                 raise KDCacheError(
                     f"cannot join {first.path} and {other.path}: {key} differs ({str(ident[key])[:40]} vs "
                     f"{str(value)[:40]}); join the range caches of one dump command (same settings, other --rows)")
