@@ -1,5 +1,5 @@
-"""Shared helpers for the benchmark scripts: machine/version info, timing, tables, JSON results,
-synthetic caches written through kdcache's own writer path, and peak-RSS measurement of subprocesses.
+"""Shared helpers for the benchmark scripts: machine/version info, timing, contention, tables, JSON results,
+sizes on disk, and peak-RSS measurement of subprocesses (synthetic caches: bench/synthcache.py).
 
 Benchmarks are scripts, not tests: each prints its table and writes bench/results/<name>.json.
 """
@@ -7,18 +7,16 @@ Benchmarks are scripts, not tests: each prints its table and writes bench/result
 from __future__ import annotations
 
 import datetime
-import hashlib
 import json
 import math
 import os
 import platform
 import shlex
-import shutil
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -219,199 +217,6 @@ def _json_default(o: object) -> object:
     if isinstance(o, Path):
         return str(o)
     raise TypeError(type(o).__name__)
-
-
-# --------------------------------------------------------------------------- synthetic teacher logits
-class PrototypeTeacher:
-    """Realistic-looking teacher logits without a teacher: class prototypes plus noise.
-
-    Each class c gets a random unit embedding e_c in R^dim; the prototype logit vector of class c is
-    the cosine similarity to every class (e_c . e_j), so some classes are "similar" (dark knowledge).
-    A sample of label y is "seen as" class y with probability `acc`, else as a random class; its logits
-    are  s * proto[seen] + noise * N(0, 1)  with a per-sample confidence scale s ~ LogNormal(log(scale),
-    spread).  With the defaults a 1000-class softmax is peaked (mean top-1 prob ~0.7, not one-hot, not
-    uniform) -- compressibility depends on this, so uniform noise would be the wrong stand-in.
-    Deterministic per (seed, chunk id).
-    """
-
-    def __init__(self, num_classes: int, seed: int = 0, dim: int | None = None, scale: float = 10.0,
-                 spread: float = 0.35, noise: float = 1.0, acc: float = 0.85) -> None:
-        import torch
-
-        self.C, self.seed, self.scale, self.spread, self.noise, self.acc = num_classes, seed, scale, spread, noise, acc
-        dim = dim or min(32, max(4, num_classes // 2))
-        g = torch.Generator().manual_seed(seed)
-        e = torch.randn(num_classes, dim, generator=g)
-        e = e / e.norm(dim=1, keepdim=True)
-        self.protos = e @ e.T  # (C, C), diagonal 1
-
-    def __call__(self, labels: np.ndarray, key: int):
-        import torch
-
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + int(key) + 1)
-        n = len(labels)
-        lab = torch.from_numpy(np.asarray(labels, dtype=np.int64)).clamp(min=0)
-        wrong = torch.rand(n, generator=g) > self.acc
-        seen = torch.where(wrong, torch.randint(0, self.C, (n,), generator=g), lab)
-        s = torch.exp(math.log(self.scale) + self.spread * torch.randn(n, generator=g))
-        return s[:, None] * self.protos[seen] + self.noise * torch.randn(n, self.C, generator=g)
-
-    def describe(self) -> str:
-        return (f"class-prototype logits: C={self.C}, s~LogNormal(log {self.scale}, {self.spread}), "
-                f"noise sd {self.noise}, teacher 'accuracy' {self.acc}")
-
-
-# --------------------------------------------------------------------------- synthetic caches
-def cache_attrs(layout, compressor: str, *, dataset: dict, image_size: int, teacher: str, command: str) -> dict:
-    """A full kdcache attribute dict, structured as kdcache/cache/dump.py `_build_attrs` builds it."""
-    from kdcache import __version__
-    from kdcache.cache.format import (
-        FORMAT_NAME,
-        FORMAT_VERSION,
-        STATUS_PARTIAL,
-        TAIL_DEFINITION,
-        VIEW_FIELDS,
-    )
-    from kdcache.data.views import AugmentSpec, Preprocess
-
-    pre, aug = Preprocess(image_size), AugmentSpec()
-    ident = {"source": "synthetic", "sha256": None, "params": 0}
-    return {
-        "format": FORMAT_NAME, "version": FORMAT_VERSION, "status": STATUS_PARTIAL, **layout.to_attrs(),
-        "tail": TAIL_DEFINITION if layout.k else None,
-        "compressor": compressor,
-        "teacher": {"name": teacher, "weights": ident, "params": 0, "preprocess": pre.to_json()},
-        "dataset": dataset,
-        "views": {"fields": list(VIEW_FIELDS), "augment": str(aug), "augment_spec": aug.to_json(), "seed": 0},
-        "dump": {"teacher": teacher, "weights_sha256": None, "dataset": dataset["spec"], "split": dataset["split"],
-                 "fingerprint": dataset["fingerprint"], "topk": layout.k, "dtype": layout.value_dtype,
-                 "image_size": image_size, "batch_size": layout.chunk_rows, "chunk_rows": layout.chunk_rows,
-                 "views": 1, "augment": str(aug), "seed": 0},
-        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "tool": f"kdcache {__version__} (bench/common.py synthetic)",
-        "command": command,
-    }
-
-
-def synthetic_dataset_attrs(labels: np.ndarray, num_classes: int, spec: str = "synthetic",
-                            split: str = "train") -> dict:
-    """Dataset identity for a cache that no dataset will be aligned against (reader benchmarks)."""
-    lab = np.ascontiguousarray(labels, dtype="<i8")
-    h = hashlib.sha256(b"bench-synthetic\0" + np.int64(len(lab)).tobytes() + lab.tobytes()).hexdigest()
-    return {"spec": spec, "split": split, "n": len(lab), "num_classes": num_classes,
-            "class_names": [str(i) for i in range(num_classes)], "base_shape": [1, 8, 8],
-            "fingerprint": "sha256:" + h, "labels_sha256": hashlib.sha256(lab.tobytes()).hexdigest(),
-            "labelled": int((lab >= 0).sum())}
-
-
-def dataset_attrs(ds) -> dict:
-    """Dataset identity of a real SourceDataset, so kdtrain's alignment check passes."""
-    from kdcache.train.align import dataset_identity
-
-    return {"spec": ds.info.spec, "split": ds.info.split, **dataset_identity(ds),
-            "base_shape": list(ds.info.base_shape), "labelled": int((ds.labels >= 0).sum())}
-
-
-def make_cache(path: str | Path, *, labels: np.ndarray, num_classes: int, k: int | None = None,
-               value_dtype: str = "float16", compressor: str | None = None, chunk_rows: int | None = None,
-               dataset: dict | None = None, image_size: int = 32, seed: int = 0,
-               logits_fn: Callable | None = None, reuse: bool = True, verbose: bool = True) -> dict:
-    """Write a complete cache at `path` through kdcache's writer path:
-    create_zarr (staging) -> ChunkWriter (whole chunks) -> finalize (stats, status complete, HDF5 conversion).
-
-    Logits come from `logits_fn(labels_chunk, chunk_id)` (default PrototypeTeacher) and go through the
-    same top-k / tail / fp16 transform as `kdcache dump` (kdcache.cache.dump._targets).
-    Reuses an existing cache made with the same parameters (a `<path>.bench.json` marker).
-    Returns {"path", "seconds", "reused", "bytes"}.
-    """
-    import torch
-
-    from kdcache.cache.dump import _targets
-    from kdcache.cache.finalize import finalize
-    from kdcache.cache.format import Layout, default_chunk_rows
-    from kdcache.cache.store import (
-        backend_for,
-        create_zarr,
-        default_compressor,
-        staging_path,
-    )
-    from kdcache.cache.writer import ChunkWriter, Rows
-    from kdcache.data.views import identity_views
-
-    path = str(path)
-    backend = backend_for(path)
-    compressor = compressor or default_compressor(backend)
-    labels = np.ascontiguousarray(labels, dtype=np.int64)
-    n = len(labels)
-    rows = min(chunk_rows or default_chunk_rows(k or num_classes, 1, value_dtype), n)
-    layout = Layout(n=n, n_views=1, num_classes=num_classes, k=k, value_dtype=value_dtype, chunk_rows=rows)
-    dataset = dataset or synthetic_dataset_attrs(labels, num_classes)
-    key = {"n": n, "C": num_classes, "k": k, "dtype": value_dtype, "compressor": compressor, "rows": rows,
-           "seed": seed, "fp": dataset["fingerprint"], "image_size": image_size,
-           "gen": "default" if logits_fn is None else getattr(logits_fn, "__qualname__", "custom"),
-           "labels": hashlib.sha256(labels.tobytes()).hexdigest()[:16]}
-    marker = Path(path + ".bench.json")
-    if reuse and marker.exists() and os.path.exists(path) and json.loads(marker.read_text()) == key:
-        return {"path": path, "seconds": 0.0, "reused": True, "bytes": disk_bytes(path)}
-    for p in (path, staging_path(path)):
-        if os.path.isdir(p):
-            shutil.rmtree(p)
-        elif os.path.exists(p):
-            os.remove(p)
-    marker.unlink(missing_ok=True)
-    gen = logits_fn or PrototypeTeacher(num_classes, seed)
-    attrs = cache_attrs(layout, compressor, dataset=dataset, image_size=image_size,
-                        teacher="bench:prototype-teacher", command=command_line())
-    t0 = time.perf_counter()
-    stage = staging_path(path)
-    store = create_zarr(stage, layout, "none" if backend == "hdf5" else compressor, attrs)
-    writer = ChunkWriter(store, layout)
-    try:
-        for c in range(layout.n_chunks):
-            sl = layout.chunk_slice(c)
-            lab = labels[sl]
-            logits = gen(lab, c)
-            out = _targets(logits[:, None].float(), k, getattr(torch, value_dtype))
-            arrays: dict[str, object] = {name: t.numpy() for name, t in out.items()}
-            arrays["labels"] = lab
-            arrays["views"] = identity_views(len(lab), 1)
-            writer.put(Rows(start=sl.start, arrays=arrays))
-    finally:
-        writer.close()
-    finalize(store, path, compressor)
-    if stage != path:
-        shutil.rmtree(stage)
-    secs = time.perf_counter() - t0
-    marker.write_text(json.dumps(key))
-    if verbose:
-        print(f"  made {path} ({n:,} x {k or num_classes}, {compressor}) in {secs:.1f} s", flush=True)
-    return {"path": path, "seconds": secs, "reused": False, "bytes": disk_bytes(path)}
-
-
-def convert_to_hdf5(zarr_path: str | Path, h5_path: str | Path, compressor: str = "gzip",
-                    reuse: bool = True) -> dict:
-    """Copy a complete Zarr cache into an HDF5 cache with kdcache's own converter (store.write_hdf5,
-    the path `finalize` takes for .h5 output), atomically."""
-    from kdcache.cache.store import open_store, write_hdf5
-
-    zarr_path, h5_path = str(zarr_path), str(h5_path)
-    marker = Path(h5_path + ".bench.json")
-    src_marker = Path(zarr_path + ".bench.json")
-    key = {"src": zarr_path, "src_key": src_marker.read_text() if src_marker.exists() else None,
-           "compressor": compressor}
-    if reuse and marker.exists() and os.path.exists(h5_path) and json.loads(marker.read_text()) == key:
-        return {"path": h5_path, "seconds": 0.0, "reused": True, "bytes": disk_bytes(h5_path)}
-    t0 = time.perf_counter()
-    src = open_store(zarr_path, "r")
-    attrs = src.attrs
-    attrs["compressor"] = compressor
-    tmp = h5_path + ".tmp"
-    write_hdf5(src, tmp, compressor, attrs)
-    os.replace(tmp, h5_path)
-    marker.write_text(json.dumps(key))
-    secs = time.perf_counter() - t0
-    print(f"  made {h5_path} ({compressor}) in {secs:.1f} s", flush=True)
-    return {"path": h5_path, "seconds": secs, "reused": False, "bytes": disk_bytes(h5_path)}
 
 
 def disk_bytes(path: str | Path) -> int:

@@ -39,7 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np
 import torch
 
-from bench import common
+from bench import common, synthcache
 
 TEACHERS = {"cnn_s": "cnn_s", "cifar_resnet10_w16": "bench.synthdata:cifar_resnet10_w16"}
 ZARR = ("blosc-zstd", "blosc-lz4", "zstd", "gzip", "none")
@@ -215,7 +215,7 @@ def bytes_synthetic(wd: Path, n: int) -> list[dict]:
         for fmt, comps in (("zarr", ZARR), ("hdf5", HDF5)):
             for comp in comps:
                 out = d / f"{label.split(' ')[0]}_{comp}.{'zarr' if fmt == 'zarr' else 'h5'}"
-                common.make_cache(out, labels=labels, num_classes=1000, k=k, compressor=comp, verbose=False)
+                synthcache.make_cache(out, labels=labels, num_classes=1000, k=k, compressor=comp, verbose=False)
                 rows.append(bytes_row(label, fmt, comp, str(out), n))
     return rows
 
@@ -251,7 +251,7 @@ def main() -> None:
             synth = bytes_synthetic(wd, args.synthetic_n)
             print(f"\nbytes per sample, synthetic 1000-class logits, N={args.synthetic_n:,}:")
             print(common.table(synth, bcols))
-            payload |= {"bytes_synthetic": synth, "synthetic_logits": common.PrototypeTeacher(1000).describe()}
+            payload |= {"bytes_synthetic": synth, "synthetic_logits": synthcache.PrototypeTeacher(1000).describe()}
     print("\ntarget dump >= 0.9x bare: " + ", ".join(
         f"{v['teacher']} {v['dataset']}: {v['dump_over_bare']:.3f} ({'met' if v['met'] else 'MISSED'})" for v in verdict))
     common.write_results(args.results_name, payload)

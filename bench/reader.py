@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np
 
-from bench import common
+from bench import common, synthcache
 
 BATCH = 128
 LRU = 64 << 20
@@ -160,8 +160,8 @@ def main() -> None:
     for name, n, C, k in specs:
         labels = np.random.default_rng(1).integers(0, C, n)
         tag = f"{'top10' if k else 'full'}_c{C}_n{n}"
-        z = common.make_cache(wd / f"{tag}.zarr", labels=labels, num_classes=C, k=k)
-        h = common.convert_to_hdf5(z["path"], wd / f"{tag}.h5", "gzip")
+        z = synthcache.make_cache(wd / f"{tag}.zarr", labels=labels, num_classes=C, k=k)
+        h = synthcache.convert_to_hdf5(z["path"], wd / f"{tag}.h5", "gzip")
         made += [{"cache": name, "backend": "zarr", **z}, {"cache": name, "backend": "hdf5", **h}]
         for backend, path in (("zarr", z["path"]), ("hdf5", h["path"])):
             print(f"[{name} {backend}] n={n:,}", flush=True)
@@ -199,7 +199,7 @@ def main() -> None:
     print("\ntarget (kdc-chunked, top-10/1000 >= 100k samples/s):",
           ", ".join(f"{b}: {v['samples_per_s']:,.0f} ({'met' if v['met'] else 'MISSED'})" for b, v in verdict.items()))
     common.write_results("reader", {"batch": BATCH, "lru_bytes": LRU, "rows": rows, "caches": made,
-                                    "target": verdict, "logits": common.PrototypeTeacher(1000).describe()})
+                                    "target": verdict, "logits": synthcache.PrototypeTeacher(1000).describe()})
 
 
 def _note(r: dict) -> str:

@@ -29,7 +29,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
-from bench import common
+from bench import common, synthcache
 
 TARGET_MB = 64
 SPEC = "bench.synthdata:synthetic"
@@ -40,8 +40,8 @@ def prepare(n: int, wd: Path) -> str:
     from bench.synthdata import synthetic
 
     ds = synthetic("train")
-    return common.make_cache(wd / f"synth_n{n}.zarr", labels=ds.labels, num_classes=10,
-                             dataset=common.dataset_attrs(ds), image_size=8)["path"]
+    return synthcache.make_cache(wd / f"synth_n{n}.zarr", labels=ds.labels, num_classes=10,
+                             dataset=synthcache.dataset_attrs(ds), image_size=8)["path"]
 
 
 def run(n: int, cache: str, wd: Path, batch: int, cache_ram: str, tag: str, lru_mb: float | None = None) -> dict:
