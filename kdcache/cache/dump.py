@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader
 
 from kdcache import __version__
 from kdcache.cache import finalize
-from kdcache.cache.derive import refuse_foreign
+from kdcache.cache.derive import check_target, refuse_foreign
 from kdcache.cache.format import (
     FORMAT_NAME,
     STATUS_PARTIAL,
@@ -229,10 +229,7 @@ def run_dump(cfg: DumpConfig) -> str:
     layout = Layout(n=rows[1] - rows[0], n_views=cfg.views, num_classes=num_classes, k=cfg.topk, value_dtype=cfg.dtype,
                     chunk_rows=min(cfg.chunk_rows or default_chunk_rows(cfg.topk or num_classes, cfg.views, cfg.dtype),
                                    len(ds)))
-    if cfg.out.lower().endswith(".zip"):
-        raise KDCacheError(f"cannot dump into a .zip ({cfg.out}): dump to .zarr, then 'kdcache pack' it")
-    if is_url(cfg.out) and backend != "zarr":
-        raise KDCacheError(f"cannot write HDF5 at a URL ({cfg.out}): dump to a .zarr URL, or write HDF5 locally")
+    check_target(cfg.out, [], "dump")
     ensure_parent(cfg.out)
     requested = pick_device(cfg.device)
     d = init_from_env(requested.type == "cuda")

@@ -11,6 +11,7 @@ from kdcache.cache.format import (
     Layout,
     check_version,
     labels_sha256,
+    row_range,
     view_checksum,
 )
 from kdcache.cache.store import Store, open_store
@@ -33,16 +34,17 @@ def _schema(attrs: dict) -> list[str]:
         return problems
     if attrs["status"] != STATUS_COMPLETE:
         problems.append(f"attributes: status is {attrs['status']!r}, not 'complete' (finish it with --resume)")
-    rows = attrs.get("rows")
-    if rows is None:
+    if attrs.get("rows") is None:
         if isinstance(attrs.get("dataset"), dict) and attrs["dataset"].get("n") != attrs["n"]:
             problems.append(f"attributes: dataset.n {attrs['dataset'].get('n')} differs from n {attrs['n']}")
-    elif not (isinstance(rows, dict) and all(type(rows.get(k)) is int for k in ("start", "stop"))):
-        problems.append("attributes: rows should be null or an object with int start and stop")
-    elif not (0 <= rows["start"] and rows["stop"] - rows["start"] == attrs["n"]
-              and type(attrs["dataset"].get("n")) is int and rows["stop"] <= attrs["dataset"]["n"]):
-        problems.append(f"attributes: rows {rows['start']}:{rows['stop']} do not hold n={attrs['n']} samples "
-                        f"of a dataset of {attrs['dataset'].get('n')}")
+        return problems
+    try:
+        start, stop = row_range(attrs)
+    except KDCacheError:
+        return problems + ["attributes: rows should be null or an object with int start and stop"]
+    total = attrs["dataset"].get("n")
+    if not (0 <= start and stop - start == attrs["n"] and type(total) is int and stop <= total):
+        problems.append(f"attributes: rows {start}:{stop} do not hold n={attrs['n']} samples of a dataset of {total}")
     return problems
 
 
