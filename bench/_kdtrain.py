@@ -13,7 +13,7 @@ import os
 import sys
 
 from bench import common
-from kdcache.cache import reader
+from kdcache.io import reader
 from kdcache.cli import kdtrain_main
 
 

@@ -5,7 +5,7 @@ random weights, at 32 px, full fp16 logits into Zarr (blosc-zstd), batch 256, on
   digits        the embedded digits train split (1,437 images)
   digits x16k   bench.synthdata:digits_tiled, the same images repeated to 16,384 samples (a longer run,
                 so fixed costs are amortised)
-  dump   kdcache.cache.dump.run_dump(DumpConfig(..., progress=False)), whole call (teacher load + weights
+  dump   kdcache.ops.dump.run_dump(DumpConfig(..., progress=False)), whole call (teacher load + weights
          sha256 + dataset fingerprint + inference + writer + finalize); its `_run_chunks` (inference loop +
          writer thread + flush) and `finalize` phases are timed by wrapping them (no kdcache file changed)
   bare   the same DataLoader over the same chunk-aligned batches (dump.ChunkBatches), render + teacher
@@ -53,7 +53,7 @@ class PhaseTimer:
 
     def __enter__(self) -> PhaseTimer:
         import kdcache.cache.finalize as fin
-        from kdcache.cache import dump
+        from kdcache.ops import dump
 
         self.times: dict[str, float] = {}
         self._orig = (dump._run_chunks, fin.finalize)
@@ -73,7 +73,7 @@ class PhaseTimer:
 
     def __exit__(self, *exc: object) -> None:
         import kdcache.cache.finalize as fin
-        from kdcache.cache import dump
+        from kdcache.ops import dump
 
         dump._run_chunks, fin.finalize = self._orig
 
@@ -82,8 +82,8 @@ def bare_inference(cfg) -> tuple[int, float, float]:
     """render + teacher forward over the dump's own loader and batches; returns (samples, wall s, CPU s)."""
     from torch.utils.data import DataLoader
 
-    from kdcache.cache.dump import ChunkBatches, _load_teacher, default_image_size
-    from kdcache.cache.format import Layout, default_chunk_rows
+    from kdcache.ops.dump import ChunkBatches, _load_teacher, default_image_size
+    from kdcache.format.spec import Layout, default_chunk_rows
     from kdcache.data.datasets import open_dataset
     from kdcache.data.views import Preprocess, identity_views, render
 
@@ -106,7 +106,8 @@ def bare_inference(cfg) -> tuple[int, float, float]:
 
 
 def throughput(wd: Path, reps: int, tiled_n: int) -> list[dict]:
-    from kdcache.cache.dump import DumpConfig, run_dump
+    from kdcache.config import DumpConfig
+from kdcache.ops.dump import run_dump
     from kdcache.models import build_model
 
     os.environ["KDBENCH_N"] = str(tiled_n)
@@ -114,7 +115,7 @@ def throughput(wd: Path, reps: int, tiled_n: int) -> list[dict]:
     for short, name in TEACHERS.items():
         torch.manual_seed(0)
         w = wd / f"{short}_random.pt"
-        torch.save(build_model(name, num_classes=10, image_size=32).state_dict(), w)
+        torch.save(build_model(name, num_classes=10, input_shape=(3, 32, 32)).state_dict(), w)
         for ds_label, spec in (("digits", "digits"), (f"digits x{tiled_n}", "bench.synthdata:digits_tiled")):
             cfg = DumpConfig(teacher=name, weights=str(w), dataset=spec, out=str(wd / f"tp_{short}.zarr"),
                              overwrite=True, progress=False, batch_size=BATCH)
@@ -184,8 +185,9 @@ def train_teacher(wd: Path, epochs: int) -> tuple[str, dict]:
 
 
 def bytes_real(wd: Path, ckpt: str) -> tuple[list[dict], dict]:
-    from kdcache.cache import open_cache
-    from kdcache.cache.dump import DumpConfig, run_dump
+    from kdcache.io import open_cache
+    from kdcache.config import DumpConfig
+from kdcache.ops.dump import run_dump
 
     d = wd / "bytes"
     if d.exists():

@@ -2,7 +2,7 @@
 
 Teacher cnn_s (random weights) at 16 px on bench.synthdata:synthetic (KDBENCH_N samples, default 262,144),
 full fp16 logits (10 classes; 16,384-row chunks), Zarr blosc-zstd, all in this process through
-`kdcache.cache.dump.run_dump` and `kdcache.cache.join.join`:
+`kdcache.ops.dump.run_dump` and `kdcache.cache.join.join`:
 
   whole   one dump of all N samples
   ranges  P dumps of --rows cut at chunk multiples (P = --parts, default 4), as P machines would
@@ -39,14 +39,15 @@ def main() -> None:
     args = ap.parse_args()
     os.environ["KDBENCH_N"] = str(args.n)
     setup_torch()
-    from kdcache.cache.dump import DumpConfig, run_dump
-    from kdcache.cache.join import join
+    from kdcache.config import DumpConfig
+from kdcache.ops.dump import run_dump
+    from kdcache.ops.join import join
     from kdcache.models import build_model
 
     work = workdir("join")
     torch.manual_seed(0)
     weights = str(work / "cnn_s16.pt")
-    torch.save({"model": build_model("cnn_s", num_classes=10, image_size=16).state_dict()}, weights)
+    torch.save({"model": build_model("cnn_s", num_classes=10, input_shape=(3, 16, 16)).state_dict()}, weights)
     base = DumpConfig(teacher="cnn_s", weights=weights, dataset="bench.synthdata:synthetic", image_size=16,
                       progress=False, overwrite=True)
     chunk = 16_384

@@ -36,10 +36,10 @@ def train_phases(n: int, lru_mb: float) -> list[dict]:
     os.environ["KDBENCH_N"] = str(n)
     common.setup_torch()
     from bench.rss import prepare
-    from kdcache.cache import open_cache
+    from kdcache.io import open_cache
     from kdcache.data.datasets import open_dataset
     from kdcache.train.align import check_alignment
-    from kdcache.train.data import PairedLoader
+    from kdcache.train.batches import PairedLoader
 
     path = prepare(n, common.workdir("rss"))
     out = []
@@ -67,14 +67,14 @@ def dump_phases(n: int) -> dict:
     common.setup_torch()
     import torch
 
-    from kdcache.cache import dump
-    from kdcache.cache.format import Layout
+    from kdcache.ops import dump
+    from kdcache.format.spec import Layout
     from kdcache.models import build_model
 
     wd = common.workdir("mem_probe")
     w = wd / "cnn_s_random16.pt"
     torch.manual_seed(0)
-    torch.save(build_model("cnn_s", num_classes=10, image_size=16).state_dict(), w)
+    torch.save(build_model("cnn_s", num_classes=10, input_shape=(3, 16, 16)).state_dict(), w)
     marks = {}
     orig = dump._run_chunks
 

@@ -84,7 +84,7 @@ def naive_h5(path: str, n: int, seconds: float, rng: np.random.Generator, rdcc: 
 
 
 def kdc_random(path: str, seconds: float, rng: np.random.Generator) -> dict:
-    from kdcache.cache import open_cache
+    from kdcache.io import open_cache
 
     with open_cache(path, lru_bytes=LRU) as cache:
         n = cache.n
@@ -99,8 +99,8 @@ def kdc_random(path: str, seconds: float, rng: np.random.Generator) -> dict:
 
 def kdc_chunked(path: str, seconds: float, seed: int = 0, cold: bool = False) -> dict:
     """The streaming path of kdcache/train/data.py PairedLoader, without the image DataLoader."""
-    from kdcache.cache import open_cache
-    from kdcache.cache.sampler import ChunkAwareSampler
+    from kdcache.io import open_cache
+    from kdcache.io.sampler import ChunkAwareSampler
 
     if cold:
         common.drop_page_cache(path)
@@ -128,7 +128,7 @@ def kdc_chunked(path: str, seconds: float, seed: int = 0, cold: bool = False) ->
 
 
 def in_memory(path: str, seconds: float, rng: np.random.Generator) -> dict:
-    from kdcache.cache import open_cache
+    from kdcache.io import open_cache
 
     with open_cache(path, lru_bytes=LRU) as cache:
         t0 = time.perf_counter()

@@ -40,7 +40,7 @@ def main() -> None:
     wd = common.workdir("scaling")
     torch.manual_seed(0)
     weights = wd / "cnn_s_random.pt"
-    torch.save(build_model("cnn_s", num_classes=10, image_size=args.image_size).state_dict(), weights)
+    torch.save(build_model("cnn_s", num_classes=10, input_shape=(3, args.image_size, args.image_size)).state_dict(), weights)
     env0 = {"PYTHONPATH": str(common.REPO)}
     rows = []
     for s in (int(x) for x in args.scales.split(",")):

@@ -65,7 +65,7 @@ class PrototypeTeacher:
 def cache_attrs(layout, compressor: str, *, dataset: dict, image_size: int, teacher: str, command: str) -> dict:
     """A full kdcache attribute dict, structured as kdcache/cache/dump.py `_build_attrs` builds it."""
     from kdcache import __version__
-    from kdcache.cache.format import (
+    from kdcache.format.spec import (
         FORMAT_NAME,
         FORMAT_VERSION,
         STATUS_PARTIAL,
@@ -120,7 +120,7 @@ def make_cache(path: str | Path, *, labels: np.ndarray, num_classes: int, k: int
     create_zarr (staging) -> ChunkWriter (whole chunks) -> finalize (stats, status complete, HDF5 conversion).
 
     Logits come from `logits_fn(labels_chunk, chunk_id)` (default PrototypeTeacher) and go through the
-    same top-k / tail / fp16 transform as `kdcache dump` (kdcache.cache.dump._targets).
+    same top-k / tail / fp16 transform as `kdcache dump` (kdcache.ops.dump._targets).
     Reuses an existing cache made with the same parameters (a `<path>.bench.json` marker).
     Returns {"path", "seconds", "reused", "bytes"}.
     """
@@ -128,14 +128,14 @@ def make_cache(path: str | Path, *, labels: np.ndarray, num_classes: int, k: int
 
     from kdcache.cache.dump import _targets
     from kdcache.cache.finalize import finalize
-    from kdcache.cache.format import Layout, default_chunk_rows
+    from kdcache.format.spec import Layout, default_chunk_rows
     from kdcache.cache.store import (
         backend_for,
         create_zarr,
         default_compressor,
         staging_path,
     )
-    from kdcache.cache.writer import ChunkWriter, Rows
+    from kdcache.io.writer import ChunkWriter, Rows
     from kdcache.data.views import identity_views
 
     path = str(path)

@@ -46,14 +46,15 @@ BATCH = 128
 
 
 def dump_caches(wd: Path) -> dict[str, str]:
-    from kdcache.cache.dump import DumpConfig, run_dump
+    from kdcache.config import DumpConfig
+from kdcache.ops.dump import run_dump
     from kdcache.models import build_model
 
     out = {}
     for short, name in TEACHERS.items():
         torch.manual_seed(0)
         w = wd / f"{short}_random.pt"
-        torch.save(build_model(name, num_classes=10, image_size=IMAGE_SIZE).state_dict(), w)
+        torch.save(build_model(name, num_classes=10, input_shape=(3, IMAGE_SIZE, IMAGE_SIZE)).state_dict(), w)
         out[short] = run_dump(DumpConfig(teacher=name, weights=str(w), dataset="digits", out=str(wd / f"{short}.zarr"),
                                          overwrite=True, progress=False, batch_size=256))
     return out
@@ -65,13 +66,13 @@ class Mode:
     def __init__(self, label: str, student: str, ds, caches: list, teacher: torch.nn.Module | None,
                  epochs_total: int) -> None:
         from kdcache.models import build_model
-        from kdcache.train.data import PairedLoader
+        from kdcache.train.batches import PairedLoader
         from kdcache.train.loop import TrainConfig, _optimizer
         from kdcache.train.objective import Objective
 
         self.label, self.teacher = label, teacher
         torch.manual_seed(0)
-        self.model = build_model(student, num_classes=10, image_size=IMAGE_SIZE)
+        self.model = build_model(student, num_classes=10, input_shape=(3, IMAGE_SIZE, IMAGE_SIZE))
         self.loader = PairedLoader(ds, caches, BATCH, seed=0)
         self.objective = Objective("kd" if caches else "ce").resolve(len(caches))
         self.kd = Objective("kd").resolve(1)
@@ -132,7 +133,7 @@ def kd_overhead(caches: dict, ds) -> list[dict]:
     """What KD from a cache adds to a step, measured in isolation: the cache read + conversion of one batch
     of targets (Cache.read + to_target) and KD loss forward+backward minus CE loss forward+backward, on
     (128, 10) student logits. Best-of timing, so it is robust to load from other jobs."""
-    from kdcache.train.data import to_target
+    from kdcache.train.batches import to_target
     from kdcache.train.objective import Objective
 
     rng = np.random.default_rng(0)
@@ -166,7 +167,7 @@ def main() -> None:
     ap.add_argument("--epochs", default="mlp=16,vit_nano=2", help="timed epochs per mode, per student")
     args = ap.parse_args()
     common.setup_torch()
-    from kdcache.cache import open_cache
+    from kdcache.io import open_cache
     from kdcache.data.datasets import open_dataset
     from kdcache.models import build_model
 
@@ -180,7 +181,7 @@ def main() -> None:
         caches[short] = c
     teachers = {}
     for short, name in TEACHERS.items():
-        t = build_model(name, num_classes=10, image_size=IMAGE_SIZE)
+        t = build_model(name, num_classes=10, input_shape=(3, IMAGE_SIZE, IMAGE_SIZE))
         t.load_state_dict(torch.load(wd / f"{short}_random.pt", weights_only=True))
         teachers[short] = t.eval()
     epochs = {k: int(v) for k, v in (kv.split("=") for kv in args.epochs.split(","))}

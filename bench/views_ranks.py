@@ -3,7 +3,7 @@ and dump throughput with 1 vs 2 torchrun processes.
 
 Part 1 -- views. Teacher cnn_s (random weights) at 32 px on digits train (1,437 images), full fp16
 logits, Zarr blosc-zstd, `--augment 'rrc(0.35,1)+flip'`, V = 1, 8, 32, via
-`kdcache.cache.dump.run_dump` in this process. Reported: bytes per sample on disk, samples/s and
+`kdcache.ops.dump.run_dump` in this process. Reported: bytes per sample on disk, samples/s and
 teacher forward passes (views) /s.
 
 Part 2 -- ranks. The same command as a subprocess, `python -m kdcache dump …` (1 process, 2 threads)
@@ -26,7 +26,8 @@ import torch
 import zarr
 
 from bench.common import REPO, Timer, disk_bytes, loadavg, setup_torch, table, workdir, write_results
-from kdcache.cache.dump import DumpConfig, run_dump
+from kdcache.config import DumpConfig
+from kdcache.ops.dump import run_dump
 from kdcache.models import build_model
 
 ARRAYS = ("values", "labels", "views", "done", "checksum")
@@ -35,7 +36,7 @@ ARRAYS = ("values", "labels", "views", "done", "checksum")
 def _weights(work) -> str:
     torch.manual_seed(0)
     path = str(work / "cnn_s.pt")
-    torch.save({"model": build_model("cnn_s", num_classes=10, image_size=32).state_dict()}, path)
+    torch.save({"model": build_model("cnn_s", num_classes=10, input_shape=(3, 32, 32)).state_dict()}, path)
     return path
 
 

@@ -34,7 +34,7 @@ from experiments.common import (
     savefig,
     setup,
 )
-from kdcache.cache import open_cache
+from kdcache.io import open_cache
 from kdcache.train.objective import Objective
 
 AUG = "translate(0.1)+rrc(0.7,1)"

@@ -29,12 +29,14 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from kdcache.cache import open_cache
-from kdcache.cache.dump import DumpConfig, run_dump
-from kdcache.cache.info import summary
+from kdcache.io import open_cache
+from kdcache.config import DumpConfig
+from kdcache.ops.dump import run_dump
+from kdcache.ops.info import summary
 from kdcache.data.datasets import ArrayDataset, DatasetInfo, open_dataset
 from kdcache.models import build_model
-from kdcache.train.loop import TrainConfig, run_train
+from kdcache.config import TrainConfig
+from kdcache.train.recipe import run_train
 from kdcache.train.objective import Objective
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -129,7 +131,7 @@ class Exp:
         tokens = ck["model"].get("tokens")
         if tokens is not None and tokens.shape[1] > 1:  # kdtrain does not record distill_tokens in arch_args
             args["distill_tokens"] = int(tokens.shape[1]) - 1
-        model = build_model(ck["arch"], num_classes=ck["num_classes"], image_size=ck["image_size"], **args)
+        model = build_model(ck["arch"], num_classes=ck["num_classes"], input_shape=(3, ck, ck)["image_size"], **args)
         model.load_state_dict(ck["model"])
         return model.eval(), int(ck["image_size"])
 

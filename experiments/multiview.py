@@ -38,12 +38,12 @@ from experiments.common import (
     setup,
     test_logits,
 )
-from kdcache.cache import open_cache
-from kdcache.cache.sampler import ChunkAwareSampler
+from kdcache.io import open_cache
+from kdcache.io.sampler import ChunkAwareSampler
 from kdcache.data.datasets import open_dataset
 from kdcache.data.views import AugmentSpec, Preprocess, render, sample_views
 from kdcache.models import build_model
-from kdcache.train.data import to_target, view_for_epoch
+from kdcache.train.batches import to_target, view_for_epoch
 from kdcache.train.loop import (  # the optimiser + warmup/cosine schedule kdtrain uses
     TrainConfig,
     _optimizer,
@@ -79,7 +79,7 @@ def custom_train(seed: int, mode: str, cache: str | None = None, teacher: torch.
         c.load()
     n_teachers = 0 if mode == "labels" else 1
     obj = objective.resolve(n_teachers) if n_teachers else Objective("ce").resolve(0)
-    model = build_model("mlp", num_classes=ds.info.num_classes, image_size=SIZE, **STUDENT_ARGS).to(device)
+    model = build_model("mlp", num_classes=ds.info.num_classes, input_shape=(3, SIZE, SIZE), **STUDENT_ARGS).to(device)
     augment = AugmentSpec.parse(AUG)
     chunk_rows = c.layout.chunk_rows if c is not None else max(len(ds), 1)
     sampler = ChunkAwareSampler(len(ds), chunk_rows, BATCH, 4, seed, True)

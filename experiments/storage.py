@@ -22,8 +22,8 @@ import numpy as np
 import torch
 
 from experiments.common import cache_facts, md_table, mean_std, pm, savefig, setup
-from kdcache.cache import open_cache
-from kdcache.train.data import to_target
+from kdcache.io import open_cache
+from kdcache.train.batches import to_target
 from kdcache.train.losses import teacher_probs
 from kdcache.train.objective import Objective
 

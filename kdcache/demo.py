@@ -10,10 +10,10 @@ import os
 import time
 from dataclasses import dataclass
 
-from kdcache.cache.dump import DumpConfig, run_dump
+from kdcache.config import DumpConfig, LossConfig, TrainConfig
 from kdcache.errors import KDCacheError
-from kdcache.train.loop import TrainConfig, run_train
-from kdcache.train.objective import Objective
+from kdcache.ops.dump import run_dump
+from kdcache.train.recipe import run_train
 
 
 @dataclass(frozen=True)
@@ -47,7 +47,7 @@ def _train(cfg: DemoConfig, name: str, student: str, args: tuple, epochs: int, c
            test_cache: str | None = None, loss: str = "auto") -> dict:
     return run_train(TrainConfig(
         student=student, student_args=dict(args), caches=caches, test_cache=test_cache,
-        image_size=cfg.image_size, objective=Objective(loss, cfg.alpha, cfg.temperature), epochs=epochs,
+        image_size=cfg.image_size, loss=LossConfig(loss, cfg.alpha, cfg.temperature), epochs=epochs,
         batch_size=64, seed=cfg.seed, out=os.path.join(cfg.out, name), overwrite=True, progress=cfg.progress,
         command=f"kdcache demo ({name})"))
 

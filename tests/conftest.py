@@ -27,7 +27,7 @@ def save_mlp_teacher(path, image_size: int = 8, hidden=(16,), seed: int = 0) -> 
     from kdcache.models import build_model
 
     torch.manual_seed(seed)
-    model = build_model("mlp", num_classes=10, image_size=image_size, hidden=hidden)
+    model = build_model("mlp", num_classes=10, input_shape=(3, image_size, image_size), hidden=hidden)
     torch.save({"model": model.state_dict(), "arch": "mlp", "arch_args": {"hidden": hidden}}, path)
     return str(path)
 

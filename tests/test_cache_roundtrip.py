@@ -20,12 +20,13 @@ def reference(teacher_weights):
     float32 results can be compared bit for bit; returns logits_for(chunk_rows).
     """
     from kdcache.data.datasets import open_dataset
-    from kdcache.data.views import Preprocess, identity_views, render
+    from kdcache.data.render import Preprocess, render
+    from kdcache.data.views import identity_views
     from kdcache.models import build_model
 
     ds = open_dataset("digits", "train")
     images = torch.stack([ds[i][0] for i in range(len(ds))])
-    model = build_model(TEACHER, num_classes=C, image_size=IMAGE_SIZE, **TEACHER_ARGS)
+    model = build_model(TEACHER, num_classes=C, input_shape=(3, IMAGE_SIZE, IMAGE_SIZE), **TEACHER_ARGS)
     model.load_state_dict(torch.load(teacher_weights, weights_only=True)["model"])
     model.eval()
     pre = Preprocess(IMAGE_SIZE)

@@ -132,7 +132,7 @@ class InterruptedDigits(ArrayDataset):
 
 def digits(split, root=None):
     d = open_dataset("digits", split)
-    return InterruptedDigits(d.info, d.images, d.labels, d.layout)
+    return InterruptedDigits(d.info, d.data, d.labels, d.layout)
 '''
 
 
@@ -198,9 +198,9 @@ def bad_weights(tmp_path_factory) -> dict[str, str]:
     from kdcache.models import build_model
 
     root = tmp_path_factory.mktemp("bad_weights")
-    five = build_model(TEACHER, num_classes=5, image_size=IMAGE_SIZE, hidden=[32])
+    five = build_model(TEACHER, num_classes=5, input_shape=(3, IMAGE_SIZE, IMAGE_SIZE), hidden=[32])
     torch.save({"model": five.state_dict(), "arch": TEACHER, "arch_args": {"hidden": [32]}}, root / "five.pt")
-    other = build_model("cnn_s", num_classes=10, image_size=IMAGE_SIZE, width=4)
+    other = build_model("cnn_s", num_classes=10, input_shape=(3, IMAGE_SIZE, IMAGE_SIZE), width=4)
     torch.save({"model": other.state_dict(), "arch": "cnn_s"}, root / "other.pt")
     return {"five": str(root / "five.pt"), "other": str(root / "other.pt")}
 
@@ -254,7 +254,7 @@ def test_errors_in_a_real_process(dump_args, tmp_path):
 
 
 def test_concurrent_dump_is_refused(dump_args, tmp_path):
-    from kdcache.cache.lock import WriteLock
+    from kdcache.storage.lock import WriteLock
 
     out = str(tmp_path / "busy.zarr")
     with WriteLock(out):

@@ -48,7 +48,7 @@ from kdcache.models import build_model
 
 root, jobs = sys.argv[1], json.loads(sys.argv[2])
 torch.manual_seed(0)
-model = build_model("mlp", num_classes=10, image_size=16, hidden=[32])
+model = build_model("mlp", num_classes=10, input_shape=(3, 16, 16), hidden=[32])
 torch.save({"model": model.state_dict(), "arch": "mlp", "arch_args": {"hidden": [32]}}, root + "/teacher.pt")
 for out, extra in jobs:
     kdcache_main(["dump", "--teacher", "mlp", "--weights", root + "/teacher.pt", "--dataset", "digits",
@@ -68,7 +68,7 @@ class Interrupted(ArrayDataset):
 
 def interrupted(split, root=None):
     d = open_dataset("digits", split)
-    return Interrupted(d.info, d.images, d.labels, d.layout)
+    return Interrupted(d.info, d.data, d.labels, d.layout)
 
 try:
     kdcache_main(["dump", "--teacher", "mlp", "--weights", root + "/teacher.pt", "--dataset", "__main__:interrupted",

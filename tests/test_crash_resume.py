@@ -60,7 +60,7 @@ def hang():
 
 
 if POINT in ("a", "b", "c", "lock", "train"):
-    from kdcache.cache import writer
+    from kdcache.io import writer
 
     _orig_write_chunk = writer.ChunkWriter._write_chunk
 
@@ -77,7 +77,7 @@ if POINT in ("a", "b", "c", "lock", "train"):
     writer.ChunkWriter._write_chunk = _write_chunk
 
 elif POINT == "d":                            # finalisation: all chunks done, status not flipped yet
-    from kdcache.cache import finalize
+    from kdcache.io import output as finalize
 
     def _cache_stats(store, layout):
         hang()
@@ -87,7 +87,7 @@ elif POINT == "d":                            # finalisation: all chunks done, s
 elif POINT == "e":                            # HDF5 conversion half way: a partial .h5.tmp on disk
     import h5py
 
-    from kdcache.cache import finalize
+    from kdcache.io import output as finalize
 
     def _write_hdf5(src, dest, compressor, attrs):
         f = h5py.File(dest, "w")
@@ -116,7 +116,7 @@ class HangingDigits(ArrayDataset):
 
 def digits(split, root=None):
     d = open_dataset("digits", split)
-    return HangingDigits(d.info, d.images, d.labels, d.layout)
+    return HangingDigits(d.info, d.data, d.labels, d.layout)
 '''
 
 
@@ -178,8 +178,8 @@ import sys
 import h5py  # noqa: F401  imported before forking: everything a dump needs, no threads started yet
 import zarr  # noqa: F401
 
-import kdcache.cache.dump  # noqa: F401
-import kdcache.cache.finalize  # noqa: F401
+import kdcache.ops.dump  # noqa: F401
+import kdcache.io.output  # noqa: F401
 from kdcache.cli import kdcache_main  # noqa: F401
 from kdcache.data.datasets import open_dataset
 
@@ -443,7 +443,7 @@ def test_kdtrain_refuses_a_killed_dump_as_partial_not_corrupt(scenarios, work):
 
 @pytest.mark.parametrize("suffix", [".zarr", ".h5"])
 def test_disk_full_is_one_clean_line_then_resume_completes(work, reference, tmp_path, monkeypatch, suffix):
-    from kdcache.cache import writer
+    from kdcache.io import writer
 
     orig = writer.ChunkWriter._write_chunk
 

@@ -15,7 +15,8 @@ from kdcache.data.datasets import (
     fingerprint,
     open_dataset,
 )
-from kdcache.data.views import Preprocess, identity_views, render
+from kdcache.data.render import Preprocess, render
+from kdcache.data.views import identity_views
 from kdcache.errors import KDCacheError
 
 
@@ -47,7 +48,7 @@ def test_digits_split_sizes_disjoint_stratified(digits):
     # the datasets hold exactly those samples, in original order
     assert np.all(np.diff(itr) > 0) and np.all(np.diff(ite) > 0)
     assert np.array_equal(tr.labels, y[itr]) and np.array_equal(te.labels, y[ite])
-    assert np.array_equal(tr.images, images[itr]) and np.array_equal(te.images, images[ite])
+    assert np.array_equal(tr.data, images[itr]) and np.array_equal(te.data, images[ite])
     # stratified: each class's test share is within one sample of 20%
     full = np.bincount(y, minlength=10)
     test_counts = np.bincount(te.labels, minlength=10)
@@ -59,7 +60,7 @@ def test_digits_items_and_info(digits):
     tr, te = digits
     assert tr.labels.dtype == np.int64 and tr.labels.shape == (1437,)
     assert isinstance(tr.info, DatasetInfo)
-    assert tr.info.base_shape == (1, 8, 8)
+    assert tr.info.sample_shape == (1, 8, 8)
     assert tr.info.num_classes == 10
     assert tr.info.class_names == tuple(str(i) for i in range(10))
     assert tr.info.spec == "digits" and tr.info.split == "train" and te.info.split == "test"
@@ -77,7 +78,7 @@ def test_digits_items_and_info(digits):
 def test_digits_values(digits):
     tr, _ = digits
     allowed = {int(round(v * 255 / 16)) for v in range(17)}
-    assert set(np.unique(tr.images).tolist()) <= allowed
+    assert set(np.unique(tr.data).tolist()) <= allowed
     assert np.array_equal(np.frombuffer(tr.raw_bytes(7), np.uint8), tr[7][0].numpy().reshape(-1))
 
 
@@ -95,9 +96,6 @@ def test_bad_spec_and_split():
         open_dataset("nope")
     with pytest.raises(KDCacheError, match="unknown split 'val'.*train, test"):
         open_dataset("digits", "val")
-    with pytest.raises(KDCacheError, match="fixed 8x8.*--base-size"):
-        open_dataset("digits", base_size=32)
-    assert open_dataset("digits", base_size=8).info.base_shape == (1, 8, 8)
     assert dataset_names()[0] == "digits" and "cifar10" in dataset_names()
 
 
@@ -116,11 +114,11 @@ def test_fingerprint_stable_and_sensitive(digits):
     assert fingerprint(ds) != fp
     # one raw byte changed in a probed sample (index 0 is always probed)
     ds = open_dataset("digits", "train")
-    ds.images[0, 3, 3] ^= 1
+    ds.data[0, 3, 3] ^= 1
     assert fingerprint(ds) != fp
     # the last sample is probed too
     ds = open_dataset("digits", "train")
-    ds.images[-1, 0, 0] ^= 1
+    ds.data[-1, 0, 0] ^= 1
     assert fingerprint(ds) != fp
 
 
@@ -164,14 +162,12 @@ def test_mnist_from_local_files(tmp_path):
         if prefix == "t10k":
             test_imgs, test_labs = imgs, labs
     ds = open_dataset("mnist", "test", data_root=str(tmp_path))
-    assert len(ds) == 5 and ds.info.base_shape == (1, 28, 28) and ds.info.num_classes == 10
+    assert len(ds) == 5 and ds.info.sample_shape == (1, 28, 28) and ds.info.num_classes == 10
     assert ds.labels.dtype == np.int64 and np.array_equal(ds.labels, test_labs.astype(np.int64))
     img, y, i = ds[3]
     assert img.dtype == torch.uint8 and img.shape == (1, 28, 28)
     assert np.array_equal(img[0].numpy(), test_imgs[3]) and y == int(test_labs[3])
     assert len(open_dataset("mnist", "train", data_root=str(tmp_path))) == 12
-    with pytest.raises(KDCacheError, match="fixed 28x28"):
-        open_dataset("mnist", "test", data_root=str(tmp_path), base_size=32)
 
 
 # --------------------------------------------------------------------------- imagefolder
@@ -191,29 +187,25 @@ def _write_pngs(root, classes=("cat", "dog"), n=3, size=(20, 12), seed=0):
 def test_imagefolder_flat(tmp_path):
     _write_pngs(tmp_path / "imgs")
     spec = f"imagefolder:{tmp_path / 'imgs'}"
-    ds = open_dataset(spec, "train", base_size=16)
+    ds = open_dataset(spec, "train")
     assert len(ds) == 6
     assert ds.info.class_names == ("cat", "dog") and ds.info.num_classes == 2
-    assert ds.info.base_shape == (3, 16, 16) and ds.info.spec == spec
+    assert ds.info.sample_shape == (3, 256, 256) and ds.info.spec == spec
     assert ds.labels.tolist() == [0, 0, 0, 1, 1, 1]
     img, y, i = ds[4]
-    assert img.dtype == torch.uint8 and img.shape == (3, 16, 16) and y == 1 and i == 4
+    assert img.dtype == torch.uint8 and img.shape == (3, 256, 256) and y == 1 and i == 4
     assert ds.raw_bytes(0) == (tmp_path / "imgs" / "cat" / "0.png").read_bytes()
     # without split folders, both splits use the same folder
-    assert len(open_dataset(spec, "test", base_size=16)) == 6
-    # default base size
-    assert open_dataset(spec).info.base_shape == (3, 256, 256)
-    # fingerprint does not depend on the base resolution
-    assert fingerprint(ds) == fingerprint(open_dataset(spec, "train", base_size=40))
+    assert len(open_dataset(spec, "test")) == 6
 
 
 def test_imagefolder_resize_crop_matches_pil(tmp_path):
     from PIL import Image
 
     _write_pngs(tmp_path, classes=("a",), n=1, size=(20, 12))
-    ds = open_dataset(f"imagefolder:{tmp_path}", base_size=6)
-    img = Image.open(tmp_path / "a" / "0.png").convert("RGB").resize((10, 6), Image.BILINEAR)
-    want = np.asarray(img)[:, 2:8].transpose(2, 0, 1)
+    ds = open_dataset(f"imagefolder:{tmp_path}")
+    img = Image.open(tmp_path / "a" / "0.png").convert("RGB").resize((427, 256), Image.BILINEAR)  # 20x12 -> 256 short
+    want = np.asarray(img)[:, 86:342].transpose(2, 0, 1)
     assert np.array_equal(ds[0][0].numpy(), want)
 
 
@@ -221,8 +213,8 @@ def test_imagefolder_split_dirs_and_errors(tmp_path):
     _write_pngs(tmp_path / "train", n=2)
     _write_pngs(tmp_path / "val", classes=("cat", "dog"), n=1, seed=1)
     spec = f"imagefolder:{tmp_path}"
-    assert len(open_dataset(spec, "train", base_size=8)) == 4
-    assert len(open_dataset(spec, "test", base_size=8)) == 2  # val/ serves the test split
+    assert len(open_dataset(spec, "train")) == 4
+    assert len(open_dataset(spec, "test")) == 2  # val/ serves the test split
     with pytest.raises(KDCacheError, match="does not exist"):
         open_dataset(f"imagefolder:{tmp_path / 'missing'}")
     (tmp_path / "empty").mkdir()
@@ -260,7 +252,10 @@ FACTORY_MODULE = textwrap.dedent(
         def __getitem__(self, i):
             return torch.full((1, 4, 4), i, dtype=torch.uint8), -1
 
-    class BadRange(FloatHWC):
+    class DeclaredImage(FloatHWC):
+        kdcache_input = "image"
+
+    class BadRange(DeclaredImage):
         def __getitem__(self, i):
             return self.x[i] * 255, self.y[i]
 
@@ -271,6 +266,9 @@ FACTORY_MODULE = textwrap.dedent(
 
     def unlabelled(split, root=None):
         return Unlabelled()
+
+    def declared_image(split, root=None):
+        return DeclaredImage(split)
 
     def bad_range(split, root=None):
         return BadRange(split)
@@ -293,31 +291,39 @@ def factory_mod(tmp_path, monkeypatch):
     return name
 
 
-def test_factory_float_hwc(factory_mod, tmp_path):
+def test_factory_floats_pass_through_exactly(factory_mod, tmp_path):
+    """A plain Dataset of float arrays: samples reach the model exactly as given — no quantising, no axes moved."""
     import importlib
 
     ds = open_dataset(f"{factory_mod}:make", "test", data_root=str(tmp_path))
     mod = importlib.import_module(factory_mod)
     assert mod.make.calls == [("test", str(tmp_path))]
     inner = mod.FloatHWC("test")
-    assert len(ds) == 7 and ds.info.base_shape == (3, 5, 6)
+    assert len(ds) == 7 and ds.info.kind == "tensor"
+    assert ds.info.sample_shape == (5, 6, 3) and ds.info.dtype == "float32"
     assert ds.labels.dtype == np.int64 and ds.labels.tolist() == inner.y
     assert ds.info.num_classes == max(inner.y) + 1 == 4
     assert ds.info.class_names == ("0", "1", "2", "3")
-    img, y, i = ds[2]
-    assert img.dtype == torch.uint8 and img.shape == (3, 5, 6) and y == 3 and i == 2
-    want = np.rint(inner.x[2] * 255).astype(np.uint8).transpose(2, 0, 1)
-    assert np.array_equal(img.numpy(), want)
+    x, y, i = ds[2]
+    assert x.dtype == torch.float32 and y == 3 and i == 2
+    assert x.numpy().tobytes() == inner.x[2].tobytes()
     assert ds.raw_bytes(2) == inner.x[2].tobytes()
     fp = fingerprint(ds)
     assert fp == fingerprint(open_dataset(f"{factory_mod}:make", "test"))
     assert fp != fingerprint(open_dataset(f"{factory_mod}:make", "train"))
 
 
+def test_factory_declared_float_images_are_not_quantised(factory_mod):
+    ds = open_dataset(f"{factory_mod}:declared_image", "test")
+    assert ds.info.kind == "image" and ds.info.sample_shape == (3, 5, 6) and ds.info.dtype == "float32"
+    img, _, _ = ds[2]
+    assert np.array_equal(img.numpy(), ds.inner.x[2].transpose(2, 0, 1))  # exact floats, CHW
+
+
 def test_factory_unlabelled_and_passthrough(factory_mod):
     ds = open_dataset(f"{factory_mod}:unlabelled")
     assert ds.labels.tolist() == [-1, -1, -1, -1]
-    assert ds.info.class_names == ("a", "b", "c") and ds.info.base_shape == (1, 4, 4)
+    assert ds.info.class_names == ("a", "b", "c") and ds.info.sample_shape == (1, 4, 4)
     assert ds[3][1] == -1 and int(ds[3][0].max()) == 3
     src = open_dataset(f"{factory_mod}:source", "test")
     assert len(src) == 360 and src.info.spec == "digits"  # a SourceDataset is used as is
@@ -330,5 +336,5 @@ def test_factory_errors(factory_mod):
         open_dataset(f"{factory_mod}:nope")
     with pytest.raises(KDCacheError, match="split= and root="):
         open_dataset(f"{factory_mod}:no_kwargs")
-    with pytest.raises(KDCacheError, match=r"floats in \[0, 1\]"):
+    with pytest.raises(KDCacheError, match=r"floats in \[0, 1\].*kdcache_input = 'tensor'"):
         open_dataset(f"{factory_mod}:bad_range")

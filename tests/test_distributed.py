@@ -68,7 +68,7 @@ def _run_ok(tmp_path, *args: str) -> str:
 
 def _weights(tmp_path) -> str:
     torch.manual_seed(0)
-    m = build_model("mlp", num_classes=10, image_size=8, hidden=(16,))
+    m = build_model("mlp", num_classes=10, input_shape=(3, 8, 8), hidden=(16,))
     path = str(tmp_path / "t.pt")
     torch.save({"model": m.state_dict(), "arch_args": {"hidden": (16,)}}, path)
     return path

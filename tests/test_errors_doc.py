@@ -66,7 +66,7 @@ def error_templates() -> list[tuple[str, str]]:
             if name == "KDCacheError" or rel.as_posix() == "kdcache/cli.py" and name == "echo" and \
                     any(k.arg == "err" for k in node.keywords):
                 out.append((f"{rel}:{node.lineno}", _render(node.args[0])))
-        if rel.as_posix() == "kdcache/cache/verify.py":  # the problems `kdcache verify` lists
+        if rel.as_posix() == "kdcache/ops/verify.py":  # the problems `kdcache verify` lists
             strings = [n for n in ast.walk(tree) if isinstance(n, ast.JoinedStr)]
             for node in ast.walk(tree):  # plain strings appended to / listed as problems
                 if isinstance(node, ast.Call) and _name(node.func) == "append" and node.args:
@@ -247,7 +247,7 @@ BAD_INPUTS = {
     "kdtrain-missing-cache": ("kdtrain", _train("--cache", "{d}/missing.zarr"), ["no cache at"]),
     "kdtrain-unknown-student": ("kdtrain", [*_train(), "--student", "nope"], ["unknown model 'nope'"]),
     "kdtrain-kd-without-cache": ("kdtrain", _train("--loss", "kd"), ["needs a teacher"]),
-    "kdtrain-unknown-loss": ("kdtrain", _train("--cache", "{d}/c.zarr", "--loss", "magic"), ["unknown --loss"]),
+    "kdtrain-unknown-loss": ("kdtrain", _train("--cache", "{d}/c.zarr", "--loss", "magic"), ["'--loss'", "'magic' is not one of"]),
     "kdtrain-lambdas-not-numbers": ("kdtrain", _train("--cache", "{d}/c.zarr", "--lambdas", "x"), ["--lambdas"]),
     "kdtrain-lambdas-count": ("kdtrain", _train("--cache", "{d}/c.zarr", "--lambdas", "1,2"), ["2 values"]),
     "kdtrain-cache-ram": ("kdtrain", _train("--cache-ram", "lots"), ["--cache-ram"]),
@@ -260,7 +260,7 @@ BAD_INPUTS = {
                               ["unknown dataset"]),
     "kdtrain-resume-nothing": ("kdtrain", _train("--resume"), ["nothing to resume"]),
     "kdtrain-resume-and-overwrite": ("kdtrain", _train("--resume", "--overwrite"), ["contradict"]),
-    "kdtrain-zero-epochs": ("kdtrain", [*_train(), "--epochs", "0"], ["--epochs must be at least 1"]),
+    "kdtrain-zero-epochs": ("kdtrain", [*_train(), "--epochs", "0"], ["--epochs must be between 1 and"]),
     "kdtrain-no-gpu": ("kdtrain", [*_train(), "--device", "cuda"], ["no CUDA GPU"]),
     "kdtrain-bad-augment": ("kdtrain", _train("--augment", "rotate(5)"), ["bad augmentation"]),
     "kdtrain-out-is-a-file": ("kdtrain", [*_train(), "--out", "{d}/a-file"], ["a-file"],
@@ -279,7 +279,7 @@ BAD_INPUTS = {
                                        "--taus <= 0)")]),
     # demo
     "demo-zero-epochs": ("kdcache", ["demo", "--out", "{d}/demo", "--teacher-epochs", "0", "--quiet"],
-                         ["--teacher-epochs must be at least 1"]),
+                         ["'--teacher-epochs'", "0 is not in the range"]),
     "demo-out-is-a-file": ("kdcache", ["demo", "--out", "{d}/a-file", "--teacher-epochs", "1", "--quiet"],
                            ["a-file"],
                            [_bug("demo.py run_demo os.makedirs(--out) raises FileExistsError (traceback) when "
@@ -293,7 +293,7 @@ def test_bad_input_gives_one_clean_error_line(env, case):
     main = kdcache_main if command == "kdcache" else kdtrain_main
     r = CliRunner().invoke(main, [a.replace("{d}", str(env)).replace("{case}", case) for a in args])
     assert r.exception is None or isinstance(r.exception, SystemExit), repr(r.exception)
-    assert r.exit_code == 1, (r.exit_code, r.output)
+    assert r.exit_code in (1, 2), (r.exit_code, r.output)  # 2: click's own usage errors
     assert "Traceback" not in r.output
     lines = r.stderr.splitlines()
     assert len(lines) >= 1 and lines[-1].startswith("error: "), r.stderr

@@ -7,12 +7,13 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from kdcache.cache import open_cache
+from kdcache.io import open_cache
 from kdcache.cli import kdcache_main
 from kdcache.data.datasets import open_dataset
-from kdcache.data.views import AugmentSpec, Preprocess, render, sample_views
+from kdcache.data.render import Preprocess, render
+from kdcache.data.views import AugmentSpec, sample_views
 from kdcache.models import build_model
-from kdcache.train.data import PairedLoader, view_for_epoch
+from kdcache.train.batches import PairedLoader, view_for_epoch
 
 AUG = "rrc(0.35,1)+flip+translate(0.1)"
 
@@ -21,7 +22,7 @@ AUG = "rrc(0.35,1)+flip+translate(0.1)"
 def teacher(tmp_path_factory):
     d = tmp_path_factory.mktemp("mv")
     torch.manual_seed(1)
-    model = build_model("cnn_s", num_classes=10, image_size=16).eval()
+    model = build_model("cnn_s", num_classes=10, input_shape=(3, 16, 16)).eval()
     path = d / "t.pt"
     torch.save({"model": model.state_dict()}, path)
     return d, str(path), model
@@ -48,10 +49,10 @@ def test_replayed_views_reproduce_the_stored_logits(teacher, suffix):
         loader = PairedLoader(ds, [cache], batch_size=200, seed=3)
         for epoch in range(4):
             batch = next(iter(loader.epoch(epoch)))
-            student_x = render(batch.images, batch.views, Preprocess(8))
+            student_x = render(batch.samples, batch.views, Preprocess(8))
             assert student_x.shape[-1] == 8
             with torch.no_grad():
-                logits = model(render(batch.images, batch.views, Preprocess(16)))
+                logits = model(render(batch.samples, batch.views, Preprocess(16)))
             torch.testing.assert_close(batch.targets[0].logits, logits.half().float(), atol=2e-3, rtol=2e-3)
 
 

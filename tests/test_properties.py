@@ -1,39 +1,33 @@
 """Property: whatever layout, anything written through the real writer path reads back exactly.
 
 Random N, C, k (None = full logits), chunk_rows, dtype, views, backend and compressor; random logits,
-labels and view parameters are written with the code `kdcache dump` uses (store.create_zarr →
-writer.ChunkWriter, rows fed in random-sized pieces in random order → finalize.finalize, which also
-converts to HDF5), then read back with kdcache.cache.open_cache. Every read(indices, view) must equal
+labels and view parameters are written with the code `kdcache dump` uses (io.output.Output creates the
+staging store → io.writer.ChunkWriter, rows fed in random-sized pieces in random order → Output.finalize,
+which also converts to HDF5), then read back with kdcache.io.open_cache. Every read(indices, view) must equal
 what was written (after the float16 cast for float16 caches), bit for bit, streamed and loaded, and
 verify() must find no problem.
 """
 
 from __future__ import annotations
 
-import hashlib
 import itertools
 import os
-import shutil
 import tempfile
+from contextlib import ExitStack
 
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from kdcache.cache import finalize
-from kdcache.cache.format import (
-    FORMAT_NAME,
-    FORMAT_VERSION,
-    REQUIRED_ATTRS,
-    STATUS_PARTIAL,
-    VIEW_FIELDS,
-    Layout,
-)
-from kdcache.cache.reader import open_cache
-from kdcache.cache.store import create_zarr, staging_path
-from kdcache.cache.verify import verify
-from kdcache.cache.writer import ChunkWriter, Rows
+from kdcache.data.datasets import labels_sha256
+from kdcache.data.views import VIEW_FIELDS
+from kdcache.format.attrs import cache_attrs
+from kdcache.format.spec import REQUIRED_ATTRS, Layout
+from kdcache.io.output import Output
+from kdcache.io.reader import open_cache
+from kdcache.io.writer import ChunkWriter, Rows
+from kdcache.ops.verify import verify
 
 MAX_CHUNKS = 40  # keeps one example well under a second: chunk_rows=1 still gets up to 40 samples
 
@@ -52,21 +46,16 @@ def layouts(draw):
             "compressor": compressor, "seed": draw(st.integers(0, 2**32 - 1))}
 
 
-def _attrs(layout: Layout, labels: np.ndarray, compressor: str) -> dict:
-    """A minimal valid attribute dict (every REQUIRED_ATTRS key), shaped like dump.py's _build_attrs."""
-    a = {
-        "format": FORMAT_NAME, "version": FORMAT_VERSION, "status": STATUS_PARTIAL, **layout.to_attrs(),
-        "tail": "logsumexp of the teacher logits not in the top-k, at T=1" if layout.k else None,
-        "compressor": compressor,
-        "teacher": {"name": "random", "weights": {"source": "test"}, "params": 0, "arch_args": {},
-                    "preprocess": {"image_size": 8}},
-        "dataset": {"spec": "random", "split": "train", "n": layout.n, "num_classes": layout.num_classes,
-                    "class_names": [str(i) for i in range(layout.num_classes)], "base_shape": [1, 8, 8],
-                    "fingerprint": "sha256:0", "labelled": int((labels >= 0).sum()),
-                    "labels_sha256": hashlib.sha256(labels.astype("<i8").tobytes()).hexdigest()},
-        "views": {"fields": list(VIEW_FIELDS), "augment": "none", "seed": 0},
-        "created": "2024-01-01T00:00:00+00:00", "tool": "test", "command": "test_properties",
-    }
+def _attrs(layout: Layout, labels: np.ndarray) -> dict:
+    """A minimal valid attribute dict (every REQUIRED_ATTRS key), built as every command builds them."""
+    a = cache_attrs(
+        layout,
+        teacher={"name": "random", "weights": {"source": "test"}, "params": 0, "arch_args": {},
+                 "preprocess": {"image_size": 8}},
+        dataset={"spec": "random", "split": "train", "n": layout.n, "num_classes": layout.num_classes,
+                 "class_names": [str(i) for i in range(layout.num_classes)], "base_shape": [1, 8, 8],
+                 "fingerprint": "sha256:0", "labelled": int((labels >= 0).sum()), "labels_sha256": labels_sha256(labels)},
+        views={"fields": list(VIEW_FIELDS), "augment": "none", "seed": 0}, dump={}, command="test_properties")
     assert set(REQUIRED_ATTRS) <= set(a)
     return a
 
@@ -105,20 +94,20 @@ def _pieces(rng: np.random.Generator, lay: Layout) -> list[tuple[int, int]]:
 
 
 def _write(path: str, lay: Layout, data: dict[str, np.ndarray], compressor: str, rng) -> None:
-    stage = staging_path(path)
-    store = create_zarr(stage, lay, "none" if stage != path else compressor,
-                        _attrs(lay, data["labels"], compressor))
-    writer = ChunkWriter(store, lay, max_pending=int(rng.integers(1, 9)))
-    try:
-        for lo, hi in _pieces(rng, lay):
-            writer.put(Rows(start=lo, arrays={name: a[lo:hi] for name, a in data.items()}))
-    finally:
-        writer.close()
-    assert writer.chunks_written == lay.n_chunks
-    finalize.finalize(store, path, compressor)
-    store.close()
-    if stage != path:
-        shutil.rmtree(stage)
+    output = Output(path, "dump", compressor=compressor)
+    with ExitStack() as stack:
+        output.prepare(lay, _attrs(lay, data["labels"]), stack)
+        store = output.open()
+        writer = ChunkWriter(store, lay, max_pending=int(rng.integers(1, 9)))
+        try:
+            for lo, hi in _pieces(rng, lay):
+                writer.put(Rows(start=lo, arrays={name: a[lo:hi] for name, a in data.items()}))
+        finally:
+            writer.close()
+        assert writer.chunks_written == lay.n_chunks
+        output.finalize(store)
+        store.close()
+    output.cleanup()
 
 
 def _check(cache, data: dict[str, np.ndarray], lay: Layout, rng) -> None:

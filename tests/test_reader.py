@@ -10,8 +10,8 @@ import pytest
 import torch
 import zarr
 
-from kdcache.cache import open_cache
-from kdcache.cache.sampler import ChunkAwareSampler
+from kdcache.io import open_cache
+from kdcache.io.sampler import ChunkAwareSampler
 from kdcache.errors import KDCacheError
 
 N, ROWS = 1437, 100
@@ -228,7 +228,7 @@ def test_sampler_ranks_split_disjoint_and_covering(world):
 def test_loader_releases_each_window_once_read(topk_cache):
     """With an LRU big enough for the whole cache, PairedLoader still holds only the current and next window."""
     from kdcache.data.datasets import open_dataset
-    from kdcache.train.data import PairedLoader
+    from kdcache.train.batches import PairedLoader
 
     ds = open_dataset("digits", "train")
     with open_cache(topk_cache, lru_bytes=1 << 30) as cache:
@@ -251,7 +251,7 @@ def test_loader_releases_each_window_once_read(topk_cache):
 def test_loader_with_differently_chunked_caches_decodes_each_chunk_once(dump_cache):
     """A cache chunk that spans two sampler windows is kept until the later one is done."""
     from kdcache.data.datasets import open_dataset
-    from kdcache.train.data import PairedLoader
+    from kdcache.train.batches import PairedLoader
 
     ds = open_dataset("digits", "train")
     small, big = dump_cache(".zarr", "--chunk-rows", 64), dump_cache(".zarr", "--chunk-rows", 100)

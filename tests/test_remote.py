@@ -17,7 +17,7 @@ from clitools import assert_same_arrays, error_line, kd, kt, ok, read_plain
 from servers import serve_http, serve_s3
 from sharefix import N_CHUNKS, N_TRAIN, ROWS, dump_args, make_partial, train_args, without
 
-from kdcache.cache import open_cache
+from kdcache.io import open_cache
 
 ACCESS_KEY, SECRET_KEY = "testing", "testing-secret-kd7f3"
 
@@ -170,7 +170,7 @@ def test_s3_dump_info_verify_train_resume_overwrite(s3, work, cache, teacher):
     before = {p: s3.info(p)["ETag"] for p in s3.find("bucket/c.zarr")}
     for flags in ([], ["--resume"]):
         line = error_line(kd(*args, *flags))
-        assert "already is a complete cache" in line and "--overwrite" in line
+        assert "already holds a complete cache" in line and "--overwrite" in line
     assert error_line(kd(*args, "--resume", "--overwrite")).endswith("pass one of them")
     s3.invalidate_cache()
     assert {p: s3.info(p)["ETag"] for p in s3.find("bucket/c.zarr")} == before

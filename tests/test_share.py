@@ -17,9 +17,9 @@ import zarr
 from clitools import assert_same_arrays, error_line, kd, kt, ok, read_plain, tree_hash
 from sharefix import N_TEST, N_TRAIN, C, dump_args, make_partial, train_args, without
 
-from kdcache.cache import open_cache
-from kdcache.cache.convert import differences
-from kdcache.cache.store import open_store
+from kdcache.io import open_cache
+from kdcache.ops.convert import differences
+from kdcache.storage.backends import open_store
 
 PER_VIEW = ("values", "indices", "tail", "views")
 
@@ -155,7 +155,7 @@ def test_convert_refusals(work, cache):
     for target in (dest, src):
         before = tree_hash(target)
         line = error_line(kd("convert", src if target != src else dest, target))
-        assert "already exists" in line and "--overwrite" in line
+        assert "already holds a complete cache" in line and "--overwrite" in line
         assert tree_hash(target) == before
     ok(kd("convert", src, dest, "--overwrite"))
     assert read_plain(dest)[0]["values"].tobytes() == read_plain(src)[0]["values"].tobytes()

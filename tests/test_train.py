@@ -10,13 +10,14 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from kdcache.cache import open_cache
+from kdcache.io import open_cache
 from kdcache.cli import kdcache_main, kdtrain_main
 from kdcache.data.datasets import open_dataset
-from kdcache.data.views import Preprocess, identity_views, render
+from kdcache.data.render import Preprocess, render
+from kdcache.data.views import identity_views
 from kdcache.models import build_model
 from kdcache.train import losses
-from kdcache.train.data import to_target
+from kdcache.train.batches import to_target
 
 FAST = ["--quiet", "--no-plots", "--batch-size", "256"]
 
@@ -30,7 +31,7 @@ def _run(cli, args: list[str], ok: bool = True):
 
 def _teacher_ckpt(tmp_path, name: str = "cnn_s", image_size: int = 16, **kw) -> str:
     torch.manual_seed(0)
-    model = build_model(name, num_classes=10, image_size=image_size, **kw)
+    model = build_model(name, num_classes=10, input_shape=(3, image_size, image_size), **kw)
     path = str(tmp_path / f"{name}.pt")
     torch.save({"model": model.state_dict(), "arch": name, "arch_args": kw}, path)
     return path
@@ -65,7 +66,7 @@ def test_dump_then_kdtrain_vit_ti_as_the_readme_says(tmp_path, monkeypatch):
 
 def test_no_teacher_is_built_or_loaded_during_kdtrain(cache_dir, tmp_path, monkeypatch):
     import kdcache.models.weights as weights
-    import kdcache.train.loop as loop
+    import kdcache.train.recipe as loop
 
     built = []
     real = loop.build_model
@@ -90,7 +91,7 @@ def test_cached_kd_equals_online_kd(tmp_path, dtype, tol):
     out = str(tmp_path / "c.zarr")
     _run(kdcache_main, ["dump", "--teacher", "cnn_s", "--weights", w, "--image-size", "16", "--out", out,
                         "--dtype", dtype, "--quiet"])
-    teacher = build_model("cnn_s", num_classes=10, image_size=16)
+    teacher = build_model("cnn_s", num_classes=10, input_shape=(3, 16, 16))
     teacher.load_state_dict(torch.load(w, weights_only=True)["model"])
     teacher.eval()
     ds = open_dataset("digits", "train")
@@ -98,7 +99,7 @@ def test_cached_kd_equals_online_kd(tmp_path, dtype, tol):
     images = torch.stack([ds[i][0] for i in idx])
     y = torch.from_numpy(ds.labels[idx])
     x = render(images, torch.from_numpy(identity_views(len(idx))[:, 0]), Preprocess(16))
-    student = build_model("mlp", num_classes=10, image_size=16, hidden=(32,))
+    student = build_model("mlp", num_classes=10, input_shape=(3, 16, 16), hidden=(32,))
 
     def loss_and_grad(target):
         student.zero_grad()
@@ -130,7 +131,7 @@ def test_each_loss_trains_from_a_topk_cache(cache_dir, tmp_path, args):
                         "--student", "mlp", "--student-arg", "hidden=(64,)", "--epochs", "2", "--out", str(out),
                         *args, *FAST])
     m = json.load(open(out / "metrics.json"))
-    assert m["config"]["objective"]["loss"] == args[1]
+    assert m["config"]["loss"]["loss"] == args[1]
     assert all(np.isfinite(r["train_loss"]) for r in m["history"])
     assert 0.0 <= m["final"]["agreement"] <= 1.0
 
@@ -141,7 +142,7 @@ def test_two_teachers_with_distillation_tokens(cache_dir, tmp_path):
                         "--student", "vit_nano", "--distill-tokens", "--head-mode", "mean",
                         "--lambdas", "0.3,0.2", "--taus", "2,4", "--epochs", "1", "--out", str(out), *FAST])
     m = json.load(open(out / "metrics.json"))
-    assert len(m["teachers"]) == 2 and m["config"]["objective"]["lambdas"] == [0.3, 0.2]
+    assert len(m["teachers"]) == 2 and m["config"]["loss"]["lambdas"] == [0.3, 0.2]
     ck = torch.load(out / "last.pt", weights_only=True)
     assert ck["model"]["tokens"].shape[1] == 3  # class token + one per teacher
     assert ck["arch_args"] == {"distill_tokens": 2, "head_mode": "mean"}  # as built, so it can be rebuilt
@@ -212,13 +213,14 @@ def test_kdtrain_refuses_a_partial_cache(cache_dir, tmp_path):
 
 
 def test_mixup_loss_trains_toward_the_mixed_soft_targets():
+    from kdcache.config import LossConfig
     from kdcache.train.objective import Objective, mixup_loss
 
     torch.manual_seed(0)
     s = torch.randn(6, 5, requires_grad=True)
     t = losses.SoftTarget(logits=torch.randn(6, 5) * 3, num_classes=5)
     perm, lam, T = torch.tensor([3, 0, 5, 1, 2, 4]), 0.3, 2.0
-    obj = Objective("kd", alpha=0.0, temperature=T).resolve(1)
+    obj = Objective(LossConfig("kd", alpha=0.0, temperature=T).resolve(1))
     mixup_loss(obj, s[:, None], torch.full((6,), -1), [t], perm, lam).backward()
     p = (t.logits / T).softmax(-1)
     mixed = lam * p + (1 - lam) * p[perm]

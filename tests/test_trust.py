@@ -196,7 +196,7 @@ class _Boom:
 
 
 def _evil_checkpoints(d: Path, marker: str) -> dict[str, str]:
-    model = build_model("mlp", num_classes=10, image_size=8, hidden=(16,))
+    model = build_model("mlp", num_classes=10, input_shape=(3, 8, 8), hidden=(16,))
     sd = model.state_dict()
     files = {
         "state-dict-value": {"model": dict(sd, **{"layers.0.weight": _Boom(marker)})},
@@ -241,7 +241,7 @@ def test_kdtrain_resume_refuses_a_pickle_last_pt_cleanly(tmp_path, monkeypatch):
 
 
 def test_pickle_planted_in_a_cache_is_never_opened(made, tmp_path, monkeypatch):
-    from kdcache.cache import open_cache
+    from kdcache.io import open_cache
 
     monkeypatch.chdir(tmp_path)
     marker = tmp_path / "PWNED-marker"

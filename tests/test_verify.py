@@ -415,11 +415,11 @@ def test_kdtrain_stops_at_a_corrupt_chunk_with_one_line(sound, tmp_path):
 
 def test_kdtrain_corrupt_chunk_in_epoch_2_keeps_epoch_1_checkpoint(sound, tmp_path, monkeypatch):
     """The chunk goes bad on disk after epoch 1 (a tiny LRU makes epoch 2 read it again)."""
-    from kdcache.cache import reader
-    from kdcache.train import loop, run_dir
+    from kdcache.io import reader
+    from kdcache.train import recipe, run_dir
 
     path = _copy(sound["raw.zarr"], tmp_path)
-    monkeypatch.setattr(loop, "open_cache", lambda p, require_complete=True: reader.open_cache(
+    monkeypatch.setattr(recipe, "open_cache", lambda p, require_complete=True: reader.open_cache(
         p, require_complete=require_complete, lru_bytes=0))
     orig_end = run_dir.RunDir.end_epoch
 

@@ -7,17 +7,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kdcache.data.views import (
-    IMAGENET_MEAN,
-    IMAGENET_STD,
-    VIEW_FIELDS,
-    AugmentSpec,
-    Preprocess,
-    identity_views,
-    render,
-    sample_views,
-    view_grid,
-)
+from kdcache.data.render import IMAGENET_MEAN, IMAGENET_STD, Preprocess, render, view_grid
+from kdcache.data.views import VIEW_FIELDS, AugmentSpec, identity_views, sample_views
 from kdcache.errors import KDCacheError
 
 # --------------------------------------------------------------------------- AugmentSpec

@@ -1,12 +1,10 @@
-"""Source datasets: deterministic, fixed-resolution base images plus labels.
+"""Dataset specs and their openers: deterministic samples plus labels, and the identity a cache records.
 
-Every dataset here yields *base* images -- ``uint8`` tensors of shape
-``(C, H, W)`` with C in {1, 3} at one fixed native resolution -- together with
-the label and the sample index.  All resizing, cropping, flipping and
-normalisation happens later, batched, in :func:`kdcache.data.views.render`, so
-that a teacher (stage 1, dumping logits into the cache) and a student
-(stage 2, training from the cache) see exactly the same view of an image even
-at different input resolutions.
+Every dataset here yields fixed-shape samples (see :mod:`kdcache.data.sources`) together with the label and the
+sample index.  Images are *base* images at one native resolution: all resizing, cropping, flipping and
+normalisation happens later, batched, in :func:`kdcache.data.render.render`, so that a teacher (stage 1, dumping
+logits into the cache) and a student (stage 2, training from the cache) see exactly the same view of an image even
+at different input resolutions.  Tensor samples are never transformed.
 
 The same ``(spec, split)`` always gives the same samples in the same order;
 :func:`fingerprint` turns that into a short hash that is stored with a cache
@@ -32,14 +30,13 @@ Specs understood by :func:`open_dataset`:
     ``PATH/test``/``PATH/val`` exists, ``PATH`` itself is used for whichever
     split is requested (so ``train`` and ``test`` are then the same images).
     Images are decoded with PIL, converted to RGB, resized (shorter side to
-    ``base_size``, default 256, antialiased bilinear) and centre-cropped to
-    ``base_size x base_size``.  ``raw_bytes`` is the file's bytes, so the
-    fingerprint does not depend on ``base_size``.
+    256, antialiased bilinear) and centre-cropped to 256 x 256.  ``raw_bytes``
+    is the file's bytes.
 ``package.module:factory``
     ``factory(split=split, root=data_root)`` is imported and called.  It may
     return a :class:`SourceDataset` (used as is) or any map-style torch
-    ``Dataset`` yielding ``(image, label, ...)``, which is wrapped: see
-    :class:`WrappedDataset`.
+    ``Dataset`` yielding ``(sample, label, ...)``, which is wrapped: see
+    :class:`WrappedDataset` (images or tensors, recognised or declared).
 """
 
 from __future__ import annotations
@@ -64,20 +61,6 @@ from kdcache.data.sources import (
     WrappedDataset,
 )
 from kdcache.errors import KDCacheError
-
-__all__ = [
-    "DatasetInfo",
-    "SourceDataset",
-    "ArrayDataset",
-    "ImageFolderDataset",
-    "WrappedDataset",
-    "open_dataset",
-    "fingerprint",
-    "dataset_names",
-    "default_data_root",
-    "SPLITS",
-    "DEFAULT_IMAGEFOLDER_SIZE",
-]
 
 SPLITS = ("train", "test")
 DEFAULT_IMAGEFOLDER_SIZE = 256
@@ -114,14 +97,6 @@ def dataset_names() -> list[str]:
 
 def _valid_specs_text() -> str:
     return ", ".join([*dataset_names(), *_SPEC_FORMS])
-
-
-def _check_fixed_size(spec: str, base_size: int | None, shape: tuple[int, int, int]) -> None:
-    if base_size is not None and int(base_size) != shape[1]:
-        raise KDCacheError(
-            f"{spec} has fixed {shape[1]}x{shape[2]} base images, cannot use base size {base_size}: "
-            "drop --base-size (the model input size is set by --image-size)"
-        )
 
 
 def _digits_split(y: np.ndarray, split: str) -> np.ndarray:
@@ -165,18 +140,15 @@ def _digits_arrays() -> tuple[np.ndarray, np.ndarray]:
     return images, y
 
 
-def _open_digits(spec: str, split: str, base_size: int | None) -> ArrayDataset:
+def _open_digits(spec: str, split: str) -> ArrayDataset:
     images, y = _digits_arrays()
     idx = _digits_split(y, split)
     shape = (1, 8, 8)
-    _check_fixed_size(spec, base_size, shape)
     info = DatasetInfo(spec, split, 10, tuple(str(i) for i in range(10)), shape)
     return ArrayDataset(info, np.ascontiguousarray(images[idx]), y[idx], "NHW")
 
 
-def _open_torchvision(
-    spec: str, name: str, split: str, data_root: str | None, download: bool, base_size: int | None
-) -> ArrayDataset:
+def _open_torchvision(spec: str, name: str, split: str, data_root: str | None, download: bool) -> ArrayDataset:
     import torchvision.datasets as tvd
 
     cls_name, display = _TORCHVISION[name]
@@ -211,7 +183,6 @@ def _open_torchvision(
         layout, shape = "NHW", (1, data.shape[1], data.shape[2])
     else:
         layout, shape = "NHWC", (data.shape[3], data.shape[1], data.shape[2])
-    _check_fixed_size(spec, base_size, shape)
     classes = tuple(str(c) for c in ds.classes)
     info = DatasetInfo(spec, split, len(classes), classes, shape)  # type: ignore[arg-type]
     return ArrayDataset(info, data, labels, layout)
@@ -231,16 +202,14 @@ def _imagefolder_dir(spec: str, path: Path, split: str) -> Path:
     return path
 
 
-def _open_imagefolder(spec: str, path_text: str, split: str, base_size: int | None) -> ImageFolderDataset:
+def _open_imagefolder(spec: str, path_text: str, split: str) -> ImageFolderDataset:
     if not path_text:
         raise KDCacheError("imagefolder: needs a path: use imagefolder:/path/to/images")
     path = Path(os.path.expanduser(path_text))
     if not path.is_dir():
         raise KDCacheError(f"{spec}: folder {path} does not exist: pass an existing folder of class folders")
     root = _imagefolder_dir(spec, path, split)
-    size = DEFAULT_IMAGEFOLDER_SIZE if base_size is None else int(base_size)
-    if size < 1:
-        raise KDCacheError(f"base size must be a positive int, got {base_size}: pass e.g. --base-size 256")
+    size = DEFAULT_IMAGEFOLDER_SIZE
     from torchvision.datasets import ImageFolder
 
     try:
@@ -255,7 +224,7 @@ def _open_imagefolder(spec: str, path_text: str, split: str, base_size: int | No
     return ImageFolderDataset(info, list(tv.samples), size)
 
 
-def _open_factory(spec: str, split: str, data_root: str | None, base_size: int | None) -> SourceDataset:
+def _open_factory(spec: str, split: str, data_root: str | None) -> SourceDataset:
     mod_name, _, fn_name = spec.partition(":")
     try:
         mod = importlib.import_module(mod_name)
@@ -280,29 +249,16 @@ def _open_factory(spec: str, split: str, data_root: str | None, base_size: int |
     except ValueError:  # no signature available (builtins): just try
         pass
     inner = fn(split=split, root=data_root)
-    if isinstance(inner, SourceDataset):
-        ds = inner
-    else:
-        ds = WrappedDataset(spec, split, inner)
-    if base_size is not None:
-        _check_fixed_size(spec, base_size, tuple(ds.info.base_shape))  # type: ignore[arg-type]
-    return ds
+    return inner if isinstance(inner, SourceDataset) else WrappedDataset(spec, split, inner)
 
 
-def open_dataset(
-    spec: str,
-    split: str = "train",
-    data_root: str | None = None,
-    download: bool = False,
-    base_size: int | None = None,
-) -> SourceDataset:
+def open_dataset(spec: str, split: str = "train", data_root: str | None = None, download: bool = False
+                 ) -> SourceDataset:
     """Open ``spec``'s ``split`` (see the module docstring for the specs).
 
     ``data_root`` is where torchvision datasets live (default
     :func:`default_data_root`) and what factories receive as ``root``;
-    ``download`` lets torchvision fetch missing files.  ``base_size`` is the
-    base resolution of ``imagefolder:`` images (default 256); the other
-    datasets have a fixed native size and reject any other ``base_size``.
+    ``download`` lets torchvision fetch missing files.
     """
     if split not in SPLITS:
         raise KDCacheError(f"unknown split {split!r}: use one of {', '.join(SPLITS)}")
@@ -311,15 +267,15 @@ def open_dataset(
     text = spec.strip()
     low = text.lower()
     if low == "digits":
-        return _open_digits(spec, split, base_size)
+        return _open_digits(spec, split)
     if low in _TORCHVISION:
-        return _open_torchvision(spec, low, split, data_root, download, base_size)
+        return _open_torchvision(spec, low, split, data_root, download)
     if low.startswith("imagefolder:"):
-        return _open_imagefolder(spec, text[len("imagefolder:"):], split, base_size)
+        return _open_imagefolder(spec, text[len("imagefolder:"):], split)
     if ":" in text:
         mod_name, _, fn_name = text.partition(":")
         if all(p.isidentifier() for p in mod_name.split(".")) and fn_name.isidentifier():
-            return _open_factory(text, split, data_root, base_size)
+            return _open_factory(text, split, data_root)
     raise KDCacheError(f"unknown dataset {spec!r}: use one of {_valid_specs_text()}")
 
 
@@ -352,3 +308,14 @@ def fingerprint(ds: SourceDataset, n_probe: int = 64) -> str:
         h.update(np.asarray([i, len(raw)], dtype="<i8").tobytes())
         h.update(raw)
     return "sha256:" + h.hexdigest()
+
+
+def labels_sha256(labels: np.ndarray) -> str:
+    """Hex SHA-256 of labels as little-endian int64 (the `labels_sha256` attributes)."""
+    return hashlib.sha256(memoryview(np.ascontiguousarray(labels, dtype="<i8"))).hexdigest()
+
+
+def identity(ds: SourceDataset) -> dict:
+    """What a cache records about its dataset's samples, computed from the dataset itself (see format.attrs)."""
+    return {"n": len(ds), "num_classes": ds.info.num_classes, "class_names": list(ds.info.class_names),
+            "fingerprint": fingerprint(ds), "labels_sha256": labels_sha256(ds.labels)}

@@ -1,4 +1,5 @@
-"""Rendering views: one batched crop + resize + flip (a single grid_sample) and normalisation, on any device.
+"""Model inputs from samples: images are rendered (one batched crop + resize + flip — a single grid_sample — and
+normalisation, on any device); tensors pass through untouched.
 
 The same base image and view give the same tensor whatever the batch composition, so the pixels a student
 sees for a stored view are the pixels the teacher saw for it, at any resolution.
@@ -12,24 +13,35 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from kdcache.data.sources import DatasetInfo
 from kdcache.errors import KDCacheError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+MAX_IMAGE_SIZE = 4096  # a model input of 4096² px is already 200 MB per batch of 1 in float32
+
+
+def default_image_size(base_hw: int) -> int:
+    """Small datasets (≤ 32 px) run at 32 px; larger images at ImageNet's 224."""
+    return 32 if base_hw <= 32 else 224
 
 
 @dataclass(frozen=True)
 class Preprocess:
-    """How a model sees a view: ``image_size`` square pixels, then (x - mean) / std."""
+    """How a model sees a view of an image: ``image_size`` square pixels, then (x - mean) / std."""
 
     image_size: int
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
 
     def __post_init__(self) -> None:
-        s = int(self.image_size)
-        if s < 1 or s != self.image_size:
-            raise KDCacheError(f"bad image size {self.image_size!r}: pass a positive int, e.g. --image-size 32")
+        try:
+            s = int(self.image_size)
+        except (TypeError, ValueError, OverflowError):
+            s = -1
+        if not 1 <= s <= MAX_IMAGE_SIZE or s != self.image_size:
+            raise KDCacheError(f"bad image size {self.image_size!r}: pass an int from 1 to {MAX_IMAGE_SIZE}, "
+                               "e.g. --image-size 32")
         mean = tuple(float(m) for m in self.mean)
         std = tuple(float(v) for v in self.std)
         if len(mean) != 3 or len(std) != 3:
@@ -39,6 +51,13 @@ class Preprocess:
         object.__setattr__(self, "image_size", s)
         object.__setattr__(self, "mean", mean)
         object.__setattr__(self, "std", std)
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return (3, self.image_size, self.image_size)
+
+    def __call__(self, samples: Tensor, views: Tensor) -> Tensor:
+        return render(samples, views, self)
 
     def to_json(self) -> dict:
         return {"image_size": self.image_size, "mean": list(self.mean), "std": list(self.std)}
@@ -126,3 +145,37 @@ def render(images: Tensor, views: Tensor, pre: Preprocess) -> Tensor:
         mean = torch.tensor(pre.mean, dtype=torch.float32, device=x.device).view(1, 3, 1, 1)
         std = torch.tensor(pre.std, dtype=torch.float32, device=x.device).view(1, 3, 1, 1)
         return ((out - mean) / std).contiguous()
+
+
+@dataclass(frozen=True)
+class Passthrough:
+    """How a model sees a tensor sample: exactly as the dataset yields it (no resizing, normalisation or views)."""
+
+    input_shape: tuple[int, ...]
+
+    def __call__(self, samples: Tensor, views: Tensor) -> Tensor:
+        return samples
+
+    def to_json(self) -> dict:
+        return {"kind": "tensor"}
+
+
+ModelInput = Preprocess | Passthrough
+
+
+def model_input(info: DatasetInfo, image_size: int | None, flag: str = "--image-size") -> ModelInput:
+    """The input of a model trained or run on this dataset: images at `image_size` (default by their size),
+    tensors as they are (an image size is then an error, not ignored)."""
+    if not info.is_image:
+        if image_size:
+            raise KDCacheError(f"{flag} applies to images, but the dataset yields {info.describe()}, which reach "
+                               f"the model exactly as given: drop {flag}")
+        return Passthrough(tuple(info.sample_shape))
+    return Preprocess(image_size or default_image_size(max(info.sample_shape[1:])))
+
+
+def input_from_json(d: dict, info: DatasetInfo) -> ModelInput:
+    """The input a cache's `teacher.preprocess` records (images: size, mean, std; tensors: {"kind": "tensor"})."""
+    if isinstance(d, dict) and d.get("kind") == "tensor":
+        return Passthrough(tuple(info.sample_shape))
+    return Preprocess.from_json(d)

@@ -1,7 +1,9 @@
-"""Dataset types: base images (uint8, C×H×W, one fixed resolution), labels, and the raw bytes fingerprints use.
+"""Dataset types. A sample is either an *image* — a base image (C×H×W, C ∈ {1, 3}, uint8 or float in [0, 1]) that is
+rendered per model (resized, cropped/flipped by a view, normalised) — or a *tensor* of any fixed shape and dtype that
+reaches teacher and student exactly as the dataset gives it (signals, feature vectors, token ids, spectrograms).
 
-`ArrayDataset` serves in-memory arrays (digits, torchvision's CIFAR/MNIST), `ImageFolderDataset` decodes image
-files, `WrappedDataset` adapts any map-style torch dataset a `package.module:factory` returns.
+`ArrayDataset` serves in-memory arrays (digits, torchvision's CIFAR/MNIST, generated data), `ImageFolderDataset`
+decodes image files, `WrappedDataset` adapts any map-style torch dataset a `package.module:factory` returns.
 """
 
 from __future__ import annotations
@@ -15,6 +17,10 @@ from torch import Tensor
 
 from kdcache.errors import KDCacheError
 
+IMAGE, TENSOR = "image", "tensor"
+INPUT_KINDS = (IMAGE, TENSOR)
+DECLARE_ATTR = "kdcache_input"  # a dataset may set this to "image" or "tensor" to say what its samples are
+
 
 @dataclass(frozen=True)
 class DatasetInfo:
@@ -24,17 +30,29 @@ class DatasetInfo:
     split: str  # "train" | "test"
     num_classes: int
     class_names: tuple[str, ...]
-    base_shape: tuple[int, int, int]  # C, H, W of the base images
+    sample_shape: tuple[int, ...]  # one sample as yielded: (C, H, W) for images
+    kind: str = IMAGE
+    dtype: str = "uint8"
+
+    @property
+    def is_image(self) -> bool:
+        return self.kind == IMAGE
+
+    def input_json(self) -> dict:
+        return {"kind": self.kind, "shape": list(self.sample_shape), "dtype": self.dtype}
+
+    def describe(self) -> str:
+        """e.g. 'tensors of shape (1, 40) float32' — for error messages."""
+        what = "images" if self.is_image else "tensors"
+        return f"{what} of shape {tuple(self.sample_shape)} {self.dtype}"
 
 
 class SourceDataset(torch.utils.data.Dataset):
-    """A map-style dataset of fixed-size base images.
+    """A map-style dataset of fixed-shape samples.
 
-    ``ds[i]`` is ``(image, label, i)``: ``image`` a ``uint8`` ``(C, H, W)``
-    tensor with ``(C, H, W) == info.base_shape``, ``label`` an ``int``
-    (-1 = unlabelled) equal to ``labels[i]``.  Subclasses implement
-    ``_image(i)`` and ``raw_bytes(i)``; they must be picklable (DataLoader
-    workers) and deterministic.
+    ``ds[i]`` is ``(sample, label, i)``: ``sample`` a tensor of ``info.sample_shape`` and ``info.dtype``, ``label``
+    an ``int`` (-1 = unlabelled) equal to ``labels[i]``.  Subclasses implement ``_sample(i)`` and ``raw_bytes(i)``;
+    they must be picklable (DataLoader workers) and deterministic.
     """
 
     info: DatasetInfo
@@ -54,9 +72,9 @@ class SourceDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int) -> tuple[Tensor, int, int]:
         i = self._index(i)
-        return self._image(i), int(self.labels[i]), i
+        return self._sample(i), int(self.labels[i]), i
 
-    def _image(self, i: int) -> Tensor:  # pragma: no cover - abstract
+    def _sample(self, i: int) -> Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
 
     def raw_bytes(self, i: int) -> bytes:  # pragma: no cover - abstract
@@ -64,41 +82,32 @@ class SourceDataset(torch.utils.data.Dataset):
         raise NotImplementedError
 
     def __repr__(self) -> str:
-        c, h, w = self.info.base_shape
-        return (
-            f"{type(self).__name__}({self.info.spec!r}, split={self.info.split!r}, "
-            f"n={len(self)}, classes={self.info.num_classes}, base={c}x{h}x{w})"
-        )
+        return (f"{type(self).__name__}({self.info.spec!r}, split={self.info.split!r}, n={len(self)}, "
+                f"classes={self.info.num_classes}, {self.info.describe()})")
 
 
 class ArrayDataset(SourceDataset):
-    """Base images held in one in-memory uint8 array.
+    """Samples held in one in-memory array (numpy or torch).
 
-    ``images`` is ``(N, H, W)``, ``(N, H, W, C)`` ("NHWC") or ``(N, C, H, W)``
-    ("NCHW") as given by ``layout``; a numpy array or a torch tensor.  Items
-    are converted to ``(C, H, W)`` on access; ``raw_bytes`` is the sample's
-    bytes in the stored layout.
+    Images: ``layout`` "NHW", "NHWC" or "NCHW", uint8 (or float in [0, 1]), converted to (C, H, W) on access.
+    Tensors: ``layout`` "N", every sample ``data[i]`` as stored.  ``raw_bytes`` is the sample's stored bytes.
     """
 
-    def __init__(self, info: DatasetInfo, images: Any, labels: np.ndarray, layout: str):
-        if layout not in ("NHW", "NHWC", "NCHW"):
+    def __init__(self, info: DatasetInfo, data: Any, labels: np.ndarray, layout: str):
+        if layout not in ("NHW", "NHWC", "NCHW", "N"):
             raise ValueError(f"unknown layout {layout!r}")
-        if isinstance(images, Tensor):
-            images = images.numpy()
-        images = np.asarray(images)
-        if images.dtype != np.uint8:
-            raise ValueError(f"base images must be uint8, got {images.dtype}")
-        if images.ndim != len(layout):
-            raise ValueError(f"images have shape {images.shape}, expected layout {layout}")
-        self.info = info
-        self.images = images
-        self.layout = layout
+        if (layout == "N") != (info.kind == TENSOR):
+            raise ValueError(f"layout {layout} does not fit {info.kind} samples")
+        data = data.numpy() if isinstance(data, Tensor) else np.asarray(data)
+        if layout != "N" and data.ndim != len(layout):
+            raise ValueError(f"images have shape {data.shape}, expected layout {layout}")
+        self.info, self.data, self.layout = info, data, layout
         self.labels = np.ascontiguousarray(labels, dtype=np.int64)
-        if len(self.labels) != len(images):
-            raise ValueError(f"{len(images)} images but {len(self.labels)} labels")
+        if len(self.labels) != len(data):
+            raise ValueError(f"{len(data)} samples but {len(self.labels)} labels")
 
-    def _image(self, i: int) -> Tensor:
-        a = self.images[i]
+    def _sample(self, i: int) -> Tensor:
+        a = self.data[i]
         if self.layout == "NHW":
             a = a[None]
         elif self.layout == "NHWC":
@@ -106,7 +115,7 @@ class ArrayDataset(SourceDataset):
         return torch.from_numpy(np.ascontiguousarray(a))
 
     def raw_bytes(self, i: int) -> bytes:
-        return np.ascontiguousarray(self.images[self._index(i)]).tobytes()
+        return np.ascontiguousarray(self.data[self._index(i)]).tobytes()
 
 
 class ImageFolderDataset(SourceDataset):
@@ -123,7 +132,7 @@ class ImageFolderDataset(SourceDataset):
         self.labels = np.asarray([y for _, y in samples], dtype=np.int64)
         self.size = int(size)
 
-    def _image(self, i: int) -> Tensor:
+    def _sample(self, i: int) -> Tensor:
         from PIL import Image
 
         s = self.size
@@ -132,9 +141,7 @@ class ImageFolderDataset(SourceDataset):
                 img.draft("RGB", (s, s))
                 img = img.convert("RGB")
         except OSError as e:
-            raise KDCacheError(
-                f"cannot decode image {self.paths[i]} ({e}): remove or replace the file"
-            ) from None
+            raise KDCacheError(f"cannot decode image {self.paths[i]} ({e}): remove or replace the file") from None
         w, h = img.size
         if w <= h:
             nw, nh = s, max(s, int(round(h * s / w)))
@@ -153,61 +160,73 @@ class ImageFolderDataset(SourceDataset):
             return f.read()
 
 
-def _to_chw_uint8(img: Any, where: str) -> tuple[Tensor, Any]:
-    """Convert a user image to a uint8 CHW tensor; also return its raw form.
+def _is_pil(x: Any) -> bool:
+    return not isinstance(x, (np.ndarray, Tensor)) and type(x).__module__.startswith("PIL.")
 
-    torch tensors are taken as ``(C, H, W)`` (or ``(H, W)``); numpy arrays and
-    PIL images as ``(H, W, C)`` (or ``(H, W)``) -- except a 3-d numpy array
-    whose last dim is not 1 or 3 but whose first is, which is taken as CHW.
-    uint8 is used as is; floats must lie in [0, 1] and become ``round(x*255)``.
-    """
-    raw = img
-    if isinstance(img, Tensor):
-        a = img.detach().cpu().numpy()
-        chw = True
-    else:
-        if not isinstance(img, np.ndarray) and type(img).__module__.startswith("PIL."):
-            img = np.asarray(img)  # PIL image -> HWC / HW array
-            raw = img
-        a = np.asarray(img)
-        chw = a.ndim == 3 and a.shape[-1] not in (1, 3) and a.shape[0] in (1, 3)
+
+def _as_array(x: Any, where: str) -> tuple[np.ndarray, bool]:
+    """A sample as a numpy array, and whether its axes are (C, H, W) already (torch tensors are; numpy/PIL HWC)."""
+    if isinstance(x, Tensor):
+        return x.detach().cpu().numpy(), True
+    if _is_pil(x) or isinstance(x, np.ndarray):
+        return np.asarray(x), False
+    try:
+        return np.asarray(x), True
+    except Exception:  # noqa: BLE001 - anything numpy cannot take
+        raise KDCacheError(f"{where}: a sample is a {type(x).__name__}; yield tensors, numpy arrays or PIL "
+                           "images") from None
+
+
+def _image_chw(a: np.ndarray, chw: bool) -> np.ndarray | None:
+    """The array as a (C, H, W) image with C ∈ {1, 3}, or None when it has no image shape."""
     if a.ndim == 2:
-        a = a[None]
-    elif a.ndim == 3:
-        if not chw:
-            a = a.transpose(2, 0, 1)
-    else:
-        raise KDCacheError(
-            f"{where}: image has shape {tuple(a.shape)}; make the dataset yield "
-            "CHW tensors or HWC numpy arrays"
-        )
-    if a.shape[0] not in (1, 3):
-        raise KDCacheError(
-            f"{where}: image has {a.shape[0]} channels (shape {tuple(a.shape)}); "
-            "make the dataset yield 1- or 3-channel images"
-        )
-    if a.dtype == np.uint8:
-        out = a
-    elif a.dtype == np.bool_ or np.issubdtype(a.dtype, np.floating):
-        a = a.astype(np.float64)
-        if a.size and (np.nanmin(a) < -1e-6 or np.nanmax(a) > 1 + 1e-6 or np.isnan(a).any()):
-            raise KDCacheError(
-                f"{where}: float image values span [{np.nanmin(a):.3g}, {np.nanmax(a):.3g}]; "
-                "make the dataset yield floats in [0, 1] or uint8 in [0, 255]"
-            )
-        out = np.clip(np.rint(a * 255.0), 0, 255).astype(np.uint8)
-    else:
-        raise KDCacheError(
-            f"{where}: image dtype {a.dtype} is not supported; "
-            "make the dataset yield uint8 or float images in [0, 1]"
-        )
-    return torch.from_numpy(np.ascontiguousarray(out)), raw
+        return a[None]
+    if a.ndim != 3:
+        return None
+    if not chw and a.shape[-1] in (1, 3):
+        return a.transpose(2, 0, 1)
+    if a.shape[0] in (1, 3):
+        return a
+    return None
 
 
-def _raw_to_bytes(raw: Any) -> bytes:
-    if isinstance(raw, Tensor):
-        return raw.detach().cpu().contiguous().numpy().tobytes()
-    return np.ascontiguousarray(np.asarray(raw)).tobytes()
+def sample_kind(x: Any, declared: str | None, where: str) -> str:
+    """Image or tensor: as the dataset declares (its `kdcache_input`), else PIL images and uint8 arrays of image
+    shape are images and everything else is a tensor, passed through exactly (never quantised)."""
+    if declared is not None:
+        if declared not in INPUT_KINDS:
+            raise KDCacheError(f"{where}: {DECLARE_ATTR} = {declared!r}; set it to 'image' or 'tensor'")
+        return declared
+    if _is_pil(x):
+        return IMAGE
+    a, chw = _as_array(x, where)
+    return IMAGE if a.dtype == np.uint8 and _image_chw(a, chw) is not None else TENSOR
+
+
+def _to_image(x: Any, where: str) -> np.ndarray:
+    """A user image as a (C, H, W) array: uint8 as is, floats (declared images) kept as float32 in [0, 1]."""
+    a, chw = _as_array(x, where)
+    img = _image_chw(a, chw)
+    if img is None:
+        raise KDCacheError(f"{where}: image has shape {tuple(a.shape)}; yield (C, H, W) tensors or (H, W, C) arrays "
+                           f"with 1 or 3 channels, or set {DECLARE_ATTR} = 'tensor' to pass samples through as given")
+    if img.dtype == np.uint8:
+        return img
+    if not np.issubdtype(img.dtype, np.floating):
+        raise KDCacheError(f"{where}: image dtype {img.dtype} is not supported; yield uint8 images, or float images "
+                           "in [0, 1]")
+    if img.size and (not np.isfinite(img).all() or img.min() < 0 or img.max() > 1):
+        raise KDCacheError(f"{where}: float image values span [{np.nanmin(img):.3g}, {np.nanmax(img):.3g}]; images "
+                           f"are floats in [0, 1] or uint8 — set {DECLARE_ATTR} = 'tensor' to pass samples through "
+                           "as given")
+    return img.astype(np.float32, copy=False)
+
+
+def _to_tensor(x: Any, where: str) -> np.ndarray:
+    a, _ = _as_array(x, where)
+    if a.dtype == object or not (np.issubdtype(a.dtype, np.number) or a.dtype == np.bool_):
+        raise KDCacheError(f"{where}: a sample has dtype {a.dtype}; yield numeric tensors")
+    return a
 
 
 def _label_of(y: Any, where: str) -> int:
@@ -215,7 +234,7 @@ def _label_of(y: Any, where: str) -> int:
         return -1
     if isinstance(y, Tensor):
         if y.numel() != 1:
-            raise KDCacheError(f"{where}: label has shape {tuple(y.shape)}; yield one int per image")
+            raise KDCacheError(f"{where}: label has shape {tuple(y.shape)}; yield one int per sample")
         y = y.item()
     try:
         v = int(y)
@@ -227,15 +246,13 @@ def _label_of(y: Any, where: str) -> int:
 
 
 class WrappedDataset(SourceDataset):
-    """A user's map-style dataset yielding ``(image, label, ...)`` made a SourceDataset.
+    """A user's map-style dataset yielding ``(sample, label, ...)`` made a SourceDataset, knowing nothing of kdcache.
 
-    Images are converted on access with :func:`_to_chw_uint8` (uint8 kept;
-    float in [0, 1] -> ``round(x*255)``; tensors CHW, numpy/PIL HWC) and must
-    all share the first item's shape.  Labels are gathered once at wrap time:
-    from ``.targets`` (or ``.labels``) when the dataset has one of matching
-    length, else by iterating over every item.  Class names come from
-    ``.classes`` when present, else ``str(i)`` for ``i < max(label) + 1``.
-    ``raw_bytes`` is the bytes of the image exactly as the dataset yields it.
+    What a sample is comes from the first one (see :func:`sample_kind`); every sample must then have its shape and
+    dtype.  Images are taken as (C, H, W) tensors or (H, W, C) numpy/PIL; tensors are kept exactly.  Labels are
+    gathered once: from ``.targets`` (or ``.labels``) when the dataset has one of matching length, else by reading
+    every item.  Class names come from ``.classes`` when present, else ``str(i)`` for ``i < max(label) + 1``.
+    ``raw_bytes`` is the bytes of the sample exactly as the dataset yields it.
     """
 
     def __init__(self, spec: str, split: str, inner: Any):
@@ -244,68 +261,61 @@ class WrappedDataset(SourceDataset):
         try:
             n = len(inner)
         except TypeError:
-            raise KDCacheError(
-                f"{self._where}: the factory returned {type(inner).__name__}, which has no len(); "
-                "return a map-style torch Dataset"
-            ) from None
+            raise KDCacheError(f"{self._where}: the factory returned {type(inner).__name__}, which has no len(); "
+                               "return a map-style torch Dataset") from None
         if n == 0:
             raise KDCacheError(f"{self._where} ({split}) is empty: make the factory return samples")
-        first, _ = _to_chw_uint8(self._item(0)[0], self._where)
-        self._shape = tuple(int(s) for s in first.shape)
-
-        labels = None
-        for attr in ("targets", "labels"):
-            t = getattr(inner, attr, None)
-            if t is not None:
-                try:
-                    arr = np.asarray(t.cpu() if isinstance(t, Tensor) else t)
-                except Exception:  # noqa: BLE001 - odd attribute: fall back to iterating
-                    continue
-                if arr.ndim == 1 and len(arr) == n and np.issubdtype(arr.dtype, np.integer):
-                    labels = np.where(arr < 0, -1, arr).astype(np.int64)
-                    break
-        if labels is None:
-            labels = np.asarray(
-                [_label_of(self._item(k)[1], self._where) for k in range(n)], dtype=np.int64
-            )
-        self.labels = labels
-
+        first = self._item(0)[0]
+        self._kind = sample_kind(first, getattr(inner, DECLARE_ATTR, None), self._where)
+        a = self._convert(first)
+        self._shape, self._dtype = tuple(int(s) for s in a.shape), str(a.dtype)
+        labels = self._labels(n)
         classes = getattr(inner, "classes", None)
         if classes is not None and len(classes) > 0:
             class_names = tuple(str(c) for c in classes)
         else:
-            k = int(labels.max()) + 1 if len(labels) else 0
-            class_names = tuple(str(i) for i in range(max(k, 0)))
-        if len(labels) and labels.max() >= len(class_names):
-            raise KDCacheError(
-                f"{self._where}: label {int(labels.max())} but only {len(class_names)} classes; "
-                "fix the labels or the dataset's .classes"
-            )
-        self.info = DatasetInfo(
-            spec=spec,
-            split=split,
-            num_classes=len(class_names),
-            class_names=class_names,
-            base_shape=self._shape,  # type: ignore[arg-type]
-        )
+            class_names = tuple(str(i) for i in range(int(labels.max()) + 1 if len(labels) else 0))
+        if not class_names:
+            raise KDCacheError(f"{self._where}: no sample is labelled and the dataset has no .classes; give it "
+                               ".classes (the class names) so the number of classes is known")
+        if labels.max() >= len(class_names):
+            raise KDCacheError(f"{self._where}: label {int(labels.max())} but only {len(class_names)} classes; "
+                               "fix the labels or the dataset's .classes")
+        self.labels = labels
+        self.info = DatasetInfo(spec, split, len(class_names), class_names, self._shape, self._kind, self._dtype)
+
+    def _labels(self, n: int) -> np.ndarray:
+        for attr in ("targets", "labels"):
+            t = getattr(self.inner, attr, None)
+            if t is None:
+                continue
+            try:
+                arr = np.asarray(t.cpu() if isinstance(t, Tensor) else t)
+            except Exception:  # noqa: BLE001 - odd attribute: fall back to reading every item
+                continue
+            if arr.ndim == 1 and len(arr) == n and np.issubdtype(arr.dtype, np.integer):
+                return np.where(arr < 0, -1, arr).astype(np.int64)
+        return np.asarray([_label_of(self._item(k)[1], self._where) for k in range(n)], dtype=np.int64)
 
     def _item(self, i: int) -> Any:
         item = self.inner[i]
         if not isinstance(item, (tuple, list)) or len(item) < 2:
-            raise KDCacheError(
-                f"{self._where}: items must be (image, label) pairs, got {type(item).__name__}; "
-                "make __getitem__ return (image, label)"
-            )
+            raise KDCacheError(f"{self._where}: items must be (sample, label) pairs, got {type(item).__name__}; "
+                               "make __getitem__ return (sample, label)")
         return item
 
-    def _image(self, i: int) -> Tensor:
-        img, _ = _to_chw_uint8(self._item(i)[0], self._where)
-        if tuple(img.shape) != self._shape:
-            raise KDCacheError(
-                f"{self._where}: sample {i} has shape {tuple(img.shape)} but sample 0 has "
-                f"{self._shape}; make the dataset yield same-size images"
-            )
-        return img
+    def _convert(self, x: Any) -> np.ndarray:
+        return _to_image(x, self._where) if self._kind == IMAGE else _to_tensor(x, self._where)
+
+    def _sample(self, i: int) -> Tensor:
+        a = self._convert(self._item(i)[0])
+        if tuple(a.shape) != self._shape or str(a.dtype) != self._dtype:
+            raise KDCacheError(f"{self._where}: sample {i} is {tuple(a.shape)} {a.dtype} but sample 0 is "
+                               f"{self._shape} {self._dtype}; make the dataset yield samples of one shape and dtype")
+        return torch.from_numpy(np.ascontiguousarray(a))
 
     def raw_bytes(self, i: int) -> bytes:
-        return _raw_to_bytes(self._item(self._index(i))[0])
+        x = self._item(self._index(i))[0]
+        if isinstance(x, Tensor):
+            return x.detach().cpu().contiguous().numpy().tobytes()
+        return np.ascontiguousarray(np.asarray(x)).tobytes()

@@ -25,28 +25,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from kdcache.cache.format import VIEW_FIELDS
-from kdcache.data.render import (
-    IMAGENET_MEAN,
-    IMAGENET_STD,
-    Preprocess,
-    render,
-    view_grid,
-)
 from kdcache.errors import KDCacheError
 
-__all__ = [
-    "VIEW_FIELDS",
-    "IMAGENET_MEAN",
-    "IMAGENET_STD",
-    "AugmentSpec",
-    "sample_views",
-    "identity_views",
-    "Preprocess",
-    "render",
-    "view_grid",
-]
-
+VIEW_FIELDS = ("y0", "x0", "h", "w", "flip")  # one view's parameters, in the order caches store them
 
 _DEFAULT_RATIO = (3 / 4, 4 / 3)
 _RRC_ATTEMPTS = 10

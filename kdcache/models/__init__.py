@@ -1,6 +1,8 @@
 """Model zoo: built-in teachers/students, torchvision classifiers, factories, and weight loading."""
 
-from .registry import build_model, has_distill_heads, model_names, param_count
+from .heads import HeadsView, has_distill_heads
+from .registry import build_model, model_names, param_count
 from .weights import checkpoint_arch_args, load_weights
 
-__all__ = ["build_model", "checkpoint_arch_args", "has_distill_heads", "load_weights", "model_names", "param_count"]
+__all__ = ["HeadsView", "build_model", "checkpoint_arch_args", "has_distill_heads", "load_weights", "model_names",
+           "param_count"]

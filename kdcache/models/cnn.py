@@ -2,6 +2,8 @@
 
 from torch import Tensor, nn
 
+from .shapes import image_shape
+
 
 class SmallCNN(nn.Module):
     """Three conv-BN-ReLU-maxpool blocks of width*(1, 2, 4) channels, GAP, linear head."""
@@ -26,6 +28,6 @@ class SmallCNN(nn.Module):
         return self.fc(self.pool(self.features(x)).flatten(1))
 
 
-def cnn_s(num_classes: int, image_size: int, in_chans: int = 3, width: int = 32) -> SmallCNN:
+def cnn_s(num_classes: int, input_shape: tuple[int, ...], width: int = 32) -> SmallCNN:
     """Plain CNN with 32-64-128 channels (scaled by ``width``)."""
-    return SmallCNN(num_classes, in_chans, width)
+    return SmallCNN(num_classes, image_shape(input_shape, "cnn_s")[0], width)

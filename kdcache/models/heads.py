@@ -1,4 +1,4 @@
-"""Class head plus distillation heads (DeiT / CivT), shared by ViT and Mixer."""
+"""Class head plus distillation heads (DeiT / CivT), shared by ViT and Mixer; and the all-heads view training uses."""
 
 import torch
 from torch import Tensor, nn
@@ -40,3 +40,22 @@ class MultiHeadClassifier(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         logits = self.forward_heads(x)
         return logits[:, 0] if self.head_mode == "cls" else logits.mean(dim=1)
+
+
+def has_distill_heads(model: nn.Module) -> bool:
+    """True for a ViT or Mixer built with ``distill_tokens > 0``."""
+    return getattr(model, "distill_tokens", 0) > 0
+
+
+class HeadsView(nn.Module):
+    """Any classifier as (B, H, C) logits of all its heads (H = 1 for a plain model), so training and DDP see one
+    call whatever the student."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: Tensor) -> Tensor:
+        if has_distill_heads(self.model):
+            return self.model.forward_heads(x)
+        return self.model(x)[:, None]

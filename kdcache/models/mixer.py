@@ -4,6 +4,7 @@ from torch import Tensor, nn
 
 from .heads import MultiHeadClassifier
 from .patches import PatchEmbed, fit_patch_size
+from .shapes import square_image
 
 
 def _mlp(dim: int, hidden: int) -> nn.Sequential:
@@ -47,7 +48,8 @@ class MlpMixer(MultiHeadClassifier):
         return self.apply_heads(self.norm(self.blocks(self.patch_embed(x))).mean(dim=1))
 
 
-def mixer_ti(num_classes: int, image_size: int, in_chans: int = 3, patch_size: int | None = None,
-             distill_tokens: int = 0, head_mode: str = "cls") -> MlpMixer:
+def mixer_ti(num_classes: int, input_shape: tuple[int, ...], patch_size: int | None = None, distill_tokens: int = 0,
+             head_mode: str = "cls") -> MlpMixer:
     """Mixer-Ti: dim 192, depth 8, token-mixing hidden 96, channel-mixing hidden 768."""
-    return MlpMixer(num_classes, image_size, in_chans, 192, 8, 96, 768, patch_size, distill_tokens, head_mode)
+    in_chans, size = square_image(input_shape, "mixer_ti")
+    return MlpMixer(num_classes, size, in_chans, 192, 8, 96, 768, patch_size, distill_tokens, head_mode)

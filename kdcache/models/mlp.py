@@ -1,5 +1,6 @@
 """A fully connected classifier on flattened pixels (Hinton et al.'s 2x1200 student)."""
 
+import math
 from collections.abc import Sequence
 
 from torch import Tensor, nn
@@ -24,7 +25,7 @@ class MLP(nn.Module):
         return self.net(x)
 
 
-def mlp(num_classes: int, image_size: int, in_chans: int = 3, hidden: Sequence[int] = (1200, 1200),
+def mlp(num_classes: int, input_shape: tuple[int, ...], hidden: Sequence[int] = (1200, 1200),
         dropout: float = 0.0) -> MLP:
-    """MLP over in_chans * image_size**2 inputs with ReLU hidden layers and optional dropout."""
-    return MLP(in_chans * image_size * image_size, num_classes, tuple(hidden), dropout)
+    """MLP over the flattened input (any shape: images, signals, feature vectors) with ReLU hidden layers."""
+    return MLP(math.prod(input_shape), num_classes, tuple(hidden), dropout)

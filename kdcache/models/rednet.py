@@ -6,6 +6,7 @@ from torch import Tensor, nn
 
 from ..errors import KDCacheError
 from .involution import Involution
+from .shapes import image_shape
 
 GROUP_CHANNELS = 16
 
@@ -84,13 +85,11 @@ def _check_width(width: int) -> None:
             )
 
 
-def rednet26_s(num_classes: int, image_size: int, in_chans: int = 3, width: int = 64,
-               kernel_size: int = 7) -> RedNet:
+def rednet26_s(num_classes: int, input_shape: tuple[int, ...], width: int = 64, kernel_size: int = 7) -> RedNet:
     """RedNet-26 (stages 1-2-4-1, ~9M params at width 64) for small images."""
-    return RedNet((1, 2, 4, 1), num_classes, in_chans, width, kernel_size)
+    return RedNet((1, 2, 4, 1), num_classes, image_shape(input_shape, "rednet26_s")[0], width, kernel_size)
 
 
-def rednet_s(num_classes: int, image_size: int, in_chans: int = 3, width: int = 16,
-             kernel_size: int = 7) -> RedNet:
+def rednet_s(num_classes: int, input_shape: tuple[int, ...], width: int = 16, kernel_size: int = 7) -> RedNet:
     """Tiny RedNet (stages 1-1-1-1, width 16) for demos and tests."""
-    return RedNet((1, 1, 1, 1), num_classes, in_chans, width, kernel_size)
+    return RedNet((1, 1, 1, 1), num_classes, image_shape(input_shape, "rednet_s")[0], width, kernel_size)

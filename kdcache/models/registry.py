@@ -15,6 +15,7 @@ from .mixer import mixer_ti
 from .mlp import mlp
 from .rednet import rednet26_s, rednet_s
 from .resnet import cifar_resnet10, cifar_resnet18
+from .shapes import square_image
 from .vit import vit_nano, vit_s, vit_ti
 
 BUILTINS: dict[str, Callable[..., nn.Module]] = {
@@ -49,29 +50,25 @@ def param_count(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def has_distill_heads(model: nn.Module) -> bool:
-    """True for a ViT or Mixer built with ``distill_tokens > 0``."""
-    return getattr(model, "distill_tokens", 0) > 0
-
-
-def build_model(name: str, num_classes: int, image_size: int, in_chans: int = 3, **kwargs: Any) -> nn.Module:
-    """Build ``name`` with fresh weights; kwargs are model options (width, distill_tokens, ...)."""
-    if num_classes < 1 or image_size < 1:
-        raise KDCacheError(
-            f"cannot build {name!r} for {num_classes} classes at {image_size} px: both must be positive"
-        )
+def build_model(name: str, num_classes: int, input_shape: tuple[int, ...], **kwargs: Any) -> nn.Module:
+    """Build ``name`` with fresh weights for inputs of ``input_shape`` (one sample: (3, S, S) for rendered images,
+    the dataset's own shape for tensors); kwargs are model options (width, distill_tokens, ...)."""
+    input_shape = tuple(int(s) for s in input_shape)
+    if num_classes < 1 or not input_shape or min(input_shape) < 1:
+        raise KDCacheError(f"cannot build {name!r} for {num_classes} classes and inputs {input_shape}: both must "
+                           "be positive")
     if name in BUILTINS:
         factory = BUILTINS[name]
-        _check_options(name, factory, kwargs, ("num_classes", "image_size", "in_chans"))
+        _check_options(name, factory, kwargs, ("num_classes", "input_shape"))
         try:
-            model = factory(num_classes, image_size, in_chans, **kwargs)
+            model = factory(num_classes, input_shape, **kwargs)
         except (TypeError, ValueError) as e:
             shown = ", ".join(f"{k}={v!r}" for k, v in kwargs.items()) or "no options"
             raise KDCacheError(f"cannot build {name!r} with {shown} ({e}): check the builder options") from None
     elif name in torchvision_names():
-        model = _build_torchvision(name, num_classes, image_size, in_chans, kwargs)
+        model = _build_torchvision(name, num_classes, input_shape, kwargs)
     elif ":" in name:
-        model = _build_factory(name, num_classes, image_size, in_chans, kwargs)
+        model = _build_factory(name, num_classes, input_shape, kwargs)
     else:
         raise _unknown(name)
     if not hasattr(model, "num_classes"):
@@ -100,8 +97,14 @@ def _reject_distill(name: str, kwargs: dict[str, Any]) -> None:
 
 def _check_options(name: str, factory: Callable[..., Any], kwargs: dict[str, Any],
                    fixed: tuple[str, ...]) -> None:
-    """Drop neutral options the factory lacks; reject any other option it does not take."""
-    params = inspect.signature(factory).parameters
+    """Drop neutral options the factory lacks; reject any other option it does not take (or one kdcache sets)."""
+    for key in fixed:
+        if key in kwargs:
+            raise KDCacheError(f"{key} is set by kdcache from the data, not by a builder option: drop {key}=")
+    try:
+        params = inspect.signature(factory).parameters
+    except (TypeError, ValueError):  # no signature to check against: the call itself will tell
+        return
     if any(p.kind is p.VAR_KEYWORD for p in params.values()):
         return
     if "distill_tokens" not in params:
@@ -118,26 +121,38 @@ def _check_options(name: str, factory: Callable[..., Any], kwargs: dict[str, Any
         )
 
 
-def _build_torchvision(name: str, num_classes: int, image_size: int, in_chans: int,
-                       kwargs: dict[str, Any]) -> nn.Module:
-    if in_chans != 3:
-        raise KDCacheError(
-            f"torchvision model {name!r} takes 3-channel input, not {in_chans}: use a built-in model"
-        )
+def _build_torchvision(name: str, num_classes: int, input_shape: tuple[int, ...], kwargs: dict[str, Any]) -> nn.Module:
+    c, size = square_image(input_shape, name)
+    if c != 3:
+        raise KDCacheError(f"torchvision model {name!r} takes 3-channel input, not {c}: use a built-in model")
     _reject_distill(name, kwargs)
     kwargs = {k: v for k, v in kwargs.items() if NEUTRAL_OPTIONS.get(k, object()) != v}
     if name.startswith("vit_"):  # torchvision's ViTs are sized at construction (default 224 px)
-        kwargs.setdefault("image_size", image_size)
+        kwargs.setdefault("image_size", size)
     try:
         return torchvision.models.get_model(name, weights=None, num_classes=num_classes, **kwargs)
     except TypeError as e:
-        raise KDCacheError(
-            f"torchvision model {name!r} rejected options {sorted(kwargs)} ({e}): drop them"
-        ) from None
+        raise KDCacheError(f"torchvision model {name!r} rejected options {sorted(kwargs)} ({e}): drop them") from None
 
 
-def _build_factory(name: str, num_classes: int, image_size: int, in_chans: int,
-                   kwargs: dict[str, Any]) -> nn.Module:
+def _factory_inputs(name: str, factory: Callable[..., Any], input_shape: tuple[int, ...]) -> dict[str, Any]:
+    """What a factory is told about its inputs: `input_shape` if it takes it, else (images) `image_size` and, when not
+    3, `in_chans` — the older contract. A factory that needs an image size cannot be built for tensor inputs."""
+    params = inspect.signature(factory).parameters
+    if "input_shape" in params:
+        return {"input_shape": input_shape}
+    if len(input_shape) != 3 or input_shape[1] != input_shape[2]:
+        if "image_size" in params and params["image_size"].default is inspect.Parameter.empty:
+            raise KDCacheError(f"factory {name!r} takes image_size, but the inputs have shape {input_shape}: give it "
+                               "an input_shape parameter instead")
+        return {}
+    out: dict[str, Any] = {"image_size": input_shape[-1]}
+    if input_shape[0] != 3:
+        out["in_chans"] = input_shape[0]
+    return out
+
+
+def _build_factory(name: str, num_classes: int, input_shape: tuple[int, ...], kwargs: dict[str, Any]) -> nn.Module:
     module_name, _, attr = name.partition(":")
     if not module_name or not attr:
         raise _unknown(name)
@@ -150,10 +165,16 @@ def _build_factory(name: str, num_classes: int, image_size: int, in_chans: int,
     factory = getattr(module, attr, None)
     if not callable(factory):
         raise KDCacheError(f"{module_name!r} has no factory {attr!r}: check the name after ':' in {name!r}")
-    if in_chans != 3:
-        kwargs["in_chans"] = in_chans
-    _check_options(name, factory, kwargs, ("num_classes", "image_size"))
-    model = factory(num_classes=num_classes, image_size=image_size, **kwargs)
+    try:
+        given = _factory_inputs(name, factory, input_shape)
+    except (TypeError, ValueError):  # no signature (a builtin or C callable): the older contract
+        given = {"image_size": input_shape[-1]}
+    _check_options(name, factory, kwargs, ("num_classes", *given))
+    try:
+        model = factory(num_classes=num_classes, **given, **kwargs)
+    except TypeError as e:
+        raise KDCacheError(f"cannot build {name!r} ({e}): a model factory takes num_classes= and input_shape= "
+                           "(or image_size=) and returns a torch.nn.Module") from None
     if not isinstance(model, nn.Module):
         raise KDCacheError(
             f"factory {name!r} returned {type(model).__name__}, not a torch.nn.Module: return the model"

@@ -4,6 +4,8 @@ from collections.abc import Sequence
 
 from torch import Tensor, nn
 
+from .shapes import image_shape
+
 
 class BasicBlock(nn.Module):
     """Two 3x3 convs with a residual; a strided 1x1 projection when the shape changes."""
@@ -54,11 +56,11 @@ class CifarResNet(nn.Module):
         return self.fc(self.pool(self.stages(self.stem(x))).flatten(1))
 
 
-def cifar_resnet18(num_classes: int, image_size: int, in_chans: int = 3, width: int = 64) -> CifarResNet:
+def cifar_resnet18(num_classes: int, input_shape: tuple[int, ...], width: int = 64) -> CifarResNet:
     """ResNet-18 (stages 2-2-2-2) for small images; ``width`` is the first stage's channels."""
-    return CifarResNet((2, 2, 2, 2), num_classes, in_chans, width)
+    return CifarResNet((2, 2, 2, 2), num_classes, image_shape(input_shape, "cifar_resnet18")[0], width)
 
 
-def cifar_resnet10(num_classes: int, image_size: int, in_chans: int = 3, width: int = 64) -> CifarResNet:
+def cifar_resnet10(num_classes: int, input_shape: tuple[int, ...], width: int = 64) -> CifarResNet:
     """ResNet-10 (stages 1-1-1-1) for small images; ``width`` is the first stage's channels."""
-    return CifarResNet((1, 1, 1, 1), num_classes, in_chans, width)
+    return CifarResNet((1, 1, 1, 1), num_classes, image_shape(input_shape, "cifar_resnet10")[0], width)

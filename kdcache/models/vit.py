@@ -6,6 +6,7 @@ from torch import Tensor, nn
 
 from .heads import MultiHeadClassifier
 from .patches import PatchEmbed, fit_patch_size
+from .shapes import square_image
 
 
 class Attention(nn.Module):
@@ -68,22 +69,22 @@ class VisionTransformer(MultiHeadClassifier):
         return self.apply_heads(x[:, : 1 + self.distill_tokens])
 
 
-def vit_ti(num_classes: int, image_size: int, in_chans: int = 3, patch_size: int | None = None,
-           distill_tokens: int = 0, head_mode: str = "cls") -> VisionTransformer:
+def vit_ti(num_classes: int, input_shape: tuple[int, ...], patch_size: int | None = None, distill_tokens: int = 0,
+           head_mode: str = "cls") -> VisionTransformer:
     """DeiT-Ti: dim 192, depth 12, 3 heads."""
-    return VisionTransformer(num_classes, image_size, in_chans, 192, 12, 3, patch_size,
-                             distill_tokens, head_mode)
+    in_chans, size = square_image(input_shape, "vit_ti")
+    return VisionTransformer(num_classes, size, in_chans, 192, 12, 3, patch_size, distill_tokens, head_mode)
 
 
-def vit_s(num_classes: int, image_size: int, in_chans: int = 3, patch_size: int | None = None,
-          distill_tokens: int = 0, head_mode: str = "cls") -> VisionTransformer:
+def vit_s(num_classes: int, input_shape: tuple[int, ...], patch_size: int | None = None, distill_tokens: int = 0,
+          head_mode: str = "cls") -> VisionTransformer:
     """DeiT-S: dim 384, depth 12, 6 heads."""
-    return VisionTransformer(num_classes, image_size, in_chans, 384, 12, 6, patch_size,
-                             distill_tokens, head_mode)
+    in_chans, size = square_image(input_shape, "vit_s")
+    return VisionTransformer(num_classes, size, in_chans, 384, 12, 6, patch_size, distill_tokens, head_mode)
 
 
-def vit_nano(num_classes: int, image_size: int, in_chans: int = 3, patch_size: int | None = None,
-             distill_tokens: int = 0, head_mode: str = "cls") -> VisionTransformer:
+def vit_nano(num_classes: int, input_shape: tuple[int, ...], patch_size: int | None = None, distill_tokens: int = 0,
+             head_mode: str = "cls") -> VisionTransformer:
     """Demo-sized ViT: dim 96, depth 4, 3 heads."""
-    return VisionTransformer(num_classes, image_size, in_chans, 96, 4, 3, patch_size,
-                             distill_tokens, head_mode)
+    in_chans, size = square_image(input_shape, "vit_nano")
+    return VisionTransformer(num_classes, size, in_chans, 96, 4, 3, patch_size, distill_tokens, head_mode)

@@ -6,32 +6,31 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from kdcache.cache.reader import Cache
-from kdcache.data.datasets import SourceDataset
-from kdcache.data.views import Preprocess, identity_views, render
-from kdcache.device import autocast
+from kdcache.data.render import ModelInput
+from kdcache.data.sources import SourceDataset
+from kdcache.data.views import identity_views
+from kdcache.device import autocast, to_model_layout
+from kdcache.io.reader import Cache
 from kdcache.train import metrics
-from kdcache.train.data import to_target
+from kdcache.train.batches import to_target
 from kdcache.train.losses import teacher_argmax
 
 
 @torch.inference_mode()
-def predict(model: torch.nn.Module, ds: SourceDataset, pre: Preprocess, device: torch.device,
+def predict(model: torch.nn.Module, ds: SourceDataset, pre: ModelInput, device: torch.device,
             batch_size: int = 512, views: np.ndarray | None = None) -> torch.Tensor:
-    """Student logits (N, C) on CPU for every sample, under the identity view unless `views` (N, 5) given."""
+    """Model logits (N, C) on CPU for every sample, under the identity view unless `views` (N, 5) given."""
     model.eval()
     out = []
-    for images, _, idx in DataLoader(ds, batch_size=batch_size, shuffle=False):
+    for samples, _, idx in DataLoader(ds, batch_size=batch_size, shuffle=False):
         v = identity_views(len(idx))[:, 0] if views is None else views[idx.numpy()]
-        x = render(images.to(device), torch.as_tensor(v, device=device), pre)
-        if device.type == "cuda":
-            x = x.contiguous(memory_format=torch.channels_last)
+        x = to_model_layout(pre(samples.to(device), torch.as_tensor(v, device=device)))
         with autocast(device):
             out.append(model(x).float().cpu())
     return torch.cat(out)
 
 
-def evaluate(model: torch.nn.Module, ds: SourceDataset, pre: Preprocess, device: torch.device,
+def evaluate(model: torch.nn.Module, ds: SourceDataset, pre: ModelInput, device: torch.device,
              test_cache: Cache | None = None, batch_size: int = 512) -> dict:
     """top1, ece, nll and (with a test-split cache) agreement with the teacher's argmax."""
     logits = predict(model, ds, pre, device, batch_size)

@@ -12,19 +12,20 @@ Conventions
   instead; here the value does not shrink with the number of classes.
 * A top-k target stores the teacher's k largest logits (``values``), their
   class ids (``indices``) and ``tail = logsumexp`` (T=1) of the other ``C - k``
-  logits.  Where a dense distribution is needed the tail mass is spread evenly
-  over the ``C - k`` absent classes.
+  logits; :mod:`kdcache.format.topk` says what that means for the dropped
+  classes (their mass spread evenly), here and everywhere else.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from kdcache.format import topk
 
 __all__ = [
     "SoftTarget",
@@ -87,16 +88,8 @@ def _dense_logits(target: SoftTarget) -> Tensor:
 
 
 def _bucket_log_probs(target: SoftTarget, T: float) -> Tensor:
-    """Teacher log-probs (B, k+1) over the top-k classes plus the "rest" bucket.
-
-    The rest bucket has T=1 log-mass ``tail``; at temperature T it is treated as
-    ``C - k`` equal logits ``tail - log(C - k)``, giving the bucket logit
-    ``log(C - k) + (tail - log(C - k)) / T``.  Exact at T=1 (and whenever
-    k = C - 1); an approximation otherwise.
-    """
-    log_m = math.log(target.classes() - target.k)
-    rest = log_m + (target.tail.float() - log_m) / T
-    return torch.cat([target.values.float() / T, rest[:, None]], dim=1).log_softmax(dim=1)
+    """Teacher log-probs (B, k+1) over the top-k classes plus the rest bucket (format.topk's rule)."""
+    return topk.bucket_log_probs(target.values, target.tail, target.classes(), T)
 
 
 def _batch_kl(log_p: Tensor, log_q: Tensor) -> Tensor:
@@ -107,18 +100,12 @@ def _batch_kl(log_p: Tensor, log_q: Tensor) -> Tensor:
 
 
 def teacher_probs(target: SoftTarget, T: float = 1.0) -> Tensor:
-    """Dense teacher distribution (B, C) at temperature T.
-
-    Top-k targets: the top-k classes get their bucket probabilities (see
-    ``kl_soft``) and the rest mass is shared evenly by the other classes.
-    """
+    """Dense teacher distribution (B, C) at temperature T; top-k targets spread the rest mass evenly over the
+    absent classes (format.topk's rule)."""
     c = target.classes()
     if target.is_full or target.k == c:
         return (_dense_logits(target) / T).softmax(dim=1)
-    buckets = _bucket_log_probs(target, T).exp()
-    rest = buckets[:, -1:] / (c - target.k)
-    out = rest.expand(-1, c).clone()
-    return out.scatter_(1, target.indices, buckets[:, :-1])
+    return (topk.dense_logits(target.values, target.indices, target.tail, c) / T).softmax(dim=1)
 
 
 def teacher_argmax(target: SoftTarget) -> Tensor:

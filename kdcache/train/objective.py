@@ -2,55 +2,31 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields, replace
+from dataclasses import fields, replace
 
 import torch
 from torch import Tensor
 
-from kdcache.errors import KDCacheError
+from kdcache.config import LossConfig
 from kdcache.train import losses
 from kdcache.train.losses import SoftTarget
 
-LOSSES = ("auto", "ce", "kd", "hard", "cwtm", "dkpp")
 
-
-@dataclass(frozen=True)
 class Objective:
-    """`loss` over the student's heads: head 0 is the class token, head i the token of teacher i."""
+    """A resolved LossConfig as a loss over the student's heads (see LossConfig.resolve)."""
 
-    loss: str = "auto"
-    alpha: float = 0.5
-    temperature: float = 4.0
-    lambdas: tuple[float, ...] | None = None
-    taus: tuple[float, ...] | None = None
-    topk_mode: str = "tail"
-
-    def resolve(self, n_teachers: int) -> "Objective":
-        """'auto' is CE without a cache and KD with one; check the rest fits the number of teachers."""
-        loss = self.loss if self.loss != "auto" else ("kd" if n_teachers else "ce")
-        if loss not in LOSSES:
-            raise KDCacheError(f"unknown --loss {loss!r}: use one of {', '.join(LOSSES)}")
-        if loss != "ce" and n_teachers == 0:
-            raise KDCacheError(f"--loss {loss} needs a teacher: pass --cache PATH (dump one with 'kdcache dump')")
-        if loss in ("cwtm", "dkpp") and n_teachers != 1:
-            raise KDCacheError(f"--loss {loss} (Born-Again) takes exactly one --cache, got {n_teachers}")
-        for name, vals in (("--lambdas", self.lambdas), ("--taus", self.taus)):
-            if vals is not None and len(vals) != n_teachers:
-                raise KDCacheError(f"{name} has {len(vals)} values for {n_teachers} caches: give one per --cache")
-        if self.temperature <= 0 or any(t <= 0 for t in self.taus or ()):
-            raise KDCacheError("temperatures (-T, --taus) must be positive")
-        if not 0 <= self.alpha <= 1 or any(w < 0 for w in self.lambdas or ()):
-            raise KDCacheError(f"--alpha must lie in [0, 1] and --lambdas be non-negative (got alpha {self.alpha})")
-        if self.topk_mode not in ("tail", "renorm"):
-            raise KDCacheError(f"unknown --topk-loss {self.topk_mode!r}: use tail or renorm")
-        return Objective(loss, self.alpha, self.temperature, self.lambdas, self.taus, self.topk_mode)
+    def __init__(self, cfg: LossConfig) -> None:
+        if cfg.loss == "auto":
+            raise ValueError("resolve the LossConfig first (LossConfig.resolve(n_teachers))")
+        self.cfg = cfg
 
     def __call__(self, heads: Tensor, y: Tensor, targets: list[SoftTarget],
                  generator: torch.Generator | None = None) -> Tensor:
         """`heads`: (B, H, C) student logits; H = 1, or 1 + one distillation token per teacher."""
+        c = self.cfg
         cls = heads[:, 0]
         per_teacher = [heads[:, i] for i in range(1, heads.shape[1])] or [cls] * len(targets)
-        match self.loss:
+        match c.loss:
             case "ce":
                 return losses.ce(cls, y)
             case "hard":
@@ -60,12 +36,12 @@ class Objective:
             case "dkpp":
                 return losses.dkpp(cls, y, targets[0], generator)
         n = len(targets)
-        if n == 1 and heads.shape[1] == 1 and self.lambdas is None and self.taus is None:
-            return losses.kd(cls, y, targets[0], self.temperature, self.alpha, self.topk_mode)
-        lambdas = self.lambdas or tuple((1 - self.alpha) / n for _ in targets)
-        taus = self.taus or tuple(self.temperature for _ in targets)
+        if n == 1 and heads.shape[1] == 1 and c.lambdas is None and c.taus is None:
+            return losses.kd(cls, y, targets[0], c.temperature, c.alpha, c.topk_mode)
+        lambdas = c.lambdas or tuple((1 - c.alpha) / n for _ in targets)
+        taus = c.taus or tuple(c.temperature for _ in targets)
         return losses.multi_teacher([cls, *per_teacher] if heads.shape[1] > 1 else [cls], y, targets,
-                                    lambdas, taus, self.alpha, self.topk_mode)
+                                    lambdas, taus, c.alpha, c.topk_mode)
 
 
 def permute_target(t: SoftTarget, perm: Tensor) -> SoftTarget:

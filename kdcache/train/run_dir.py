@@ -11,6 +11,7 @@ import torch
 
 from kdcache.errors import KDCacheError
 
+RESUME_KEYS = ("student", "student_args", "num_classes", "input", "caches")  # what a resumed run must share
 LOG_FIELDS = ("epoch", "train_loss", "test_top1", "test_ece", "test_nll", "agreement", "lr", "train_seconds",
               "samples_per_s")
 
@@ -44,22 +45,36 @@ class RunDir:
             shutil.rmtree(path)
         if resume and not os.path.exists(self.last):
             raise KDCacheError(f"nothing to resume in {path} (no last.pt): drop --resume to start a new run")
-        os.makedirs(path, exist_ok=True)
+        try:
+            os.makedirs(path, exist_ok=True)
+            probe = os.path.join(path, ".kdtrain-write-test")
+            open(probe, "w").close()
+            os.remove(probe)
+        except OSError as e:
+            raise KDCacheError(f"cannot write the run directory {path} ({e.strerror or e}): choose an --out in a "
+                               "folder you can write") from None
 
     def restore(self, model: torch.nn.Module, opt: torch.optim.Optimizer, sched: object,
-                scaler: torch.amp.GradScaler) -> tuple[int, float]:
-        """Load `last` when resuming; returns (first epoch to run, best top-1 so far)."""
+                scaler: torch.amp.GradScaler, meta: dict) -> tuple[int, float]:
+        """Load `last` when resuming the same run; returns (first epoch to run, best top-1 so far)."""
         if not self.resume:
             return 0, -1.0
         try:
             ck = torch.load(self.last, map_location="cpu", weights_only=True)
+            for key in RESUME_KEYS:
+                if ck.get(key) != meta[key]:
+                    raise KDCacheError(f"cannot resume {self.path}: it was trained with {key} {ck.get(key)!r}, this "
+                                       f"command has {meta[key]!r}; rerun the original command with --resume, or "
+                                       "start a new run (--overwrite or another --out)")
+            model.load_state_dict(ck["model"])
+            opt.load_state_dict(ck["optimizer"])
+            sched.load_state_dict(ck["scheduler"])
+            scaler.load_state_dict(ck["scaler"])
+        except KDCacheError:
+            raise
         except Exception as e:  # a damaged or hostile file: torch raises many types; no code runs
             raise KDCacheError(f"cannot resume from {self.last} ({type(e).__name__}): it is not a kdtrain "
-                               "checkpoint of plain tensors; start a new run with --overwrite") from None
-        model.load_state_dict(ck["model"])
-        opt.load_state_dict(ck["optimizer"])
-        sched.load_state_dict(ck["scheduler"])
-        scaler.load_state_dict(ck["scaler"])
+                               "checkpoint of this run; start a new run with --overwrite") from None
         with open(self.log_path, newline="") as f:
             self.rows = [{k: _num(v) for k, v in r.items()} for r in csv.DictReader(f)][: ck["epoch"]]
         return int(ck["epoch"]), float(ck["best_top1"])
@@ -71,12 +86,12 @@ class RunDir:
         if not self.writer:
             return max(best, row["test_top1"])
         with open(self.log_path, "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=LOG_FIELDS)
+            w = csv.DictWriter(f, fieldnames=LOG_FIELDS, lineterminator="\n")
             w.writeheader()
             w.writerows(self.rows)
         state = {"model": model.state_dict(), "arch": meta["student"], "arch_args": meta["student_args"],
                  "num_classes": meta["num_classes"], "image_size": meta["image_size"], "epoch": row["epoch"],
-                 "test_top1": row["test_top1"]}
+                 "test_top1": row["test_top1"], **{k: meta[k] for k in RESUME_KEYS}}
         if row["test_top1"] > best:
             best = row["test_top1"]
             _atomic_save(state, self.best)

@@ -1,28 +1,20 @@
-"""`kdcache convert` (Zarr ↔ HDF5, lossless, verified) and `kdcache pack` (one .zip file zarr opens directly)."""
+"""`kdcache convert` (Zarr ↔ HDF5 or another compressor, lossless, verified) and `kdcache pack` (one .zip file that
+zarr opens directly, locally or over HTTP)."""
 
 from __future__ import annotations
 
 import os
-import shutil
 import tempfile
 import zipfile
+from contextlib import ExitStack
 
 import numpy as np
 
-from kdcache.cache.format import STATUS_COMPLETE, Layout, check_version
-from kdcache.cache.store import (
-    Store,
-    backend_for,
-    copy_arrays,
-    create_zarr,
-    default_compressor,
-    ensure_parent,
-    is_url,
-    open_store,
-    path_exists,
-    write_hdf5,
-)
 from kdcache.errors import KDCacheError
+from kdcache.format.spec import BOOKKEEPING, STATUS_COMPLETE, Layout, check_version
+from kdcache.io.output import Output, claim
+from kdcache.storage.backends import Store, copy_arrays, open_store
+from kdcache.storage.paths import backend_for, is_packed, is_url
 
 
 def differences(a: Store, b: Store) -> list[str]:
@@ -38,8 +30,8 @@ def differences(a: Store, b: Store) -> list[str]:
         if name not in b:
             out.append(f"{name}: missing")
             continue
-        for c in range(layout.n_chunks if name not in ("done", "checksum") else 1):
-            sl = layout.chunk_slice(c) if name not in ("done", "checksum") else slice(None)
+        for c in range(layout.n_chunks if name not in BOOKKEEPING else 1):
+            sl = layout.chunk_slice(c) if name not in BOOKKEEPING else slice(None)
             x, y = np.asarray(a[name][sl]), np.asarray(b[name][sl])
             if x.dtype != y.dtype or x.shape != y.shape or x.tobytes() != y.tobytes():
                 out.append(f"{name}: differs in chunk {c}")
@@ -56,11 +48,6 @@ def _open_complete(path: str) -> Store:
     return src
 
 
-def _refuse_existing(dest: str, overwrite: bool) -> None:
-    if path_exists(dest) and not overwrite:
-        raise KDCacheError(f"{dest} already exists: pass --overwrite to replace it, or choose another output")
-
-
 def _verified(src: Store, dest: str) -> None:
     out = open_store(dest, "r")
     try:
@@ -73,29 +60,22 @@ def _verified(src: Store, dest: str) -> None:
 
 def convert(src_path: str, dest: str, compressor: str | None = None, overwrite: bool = False) -> None:
     """Copy a complete cache into another backend (or compressor), then check every array came out equal."""
-    backend = backend_for(dest)
-    if dest.lower().endswith(".zip"):
+    if is_packed(dest):
         raise KDCacheError("to make a .zip, use 'kdcache pack'")
     if is_url(dest):
         raise KDCacheError(f"convert writes local files ({dest} is a URL): convert locally, then upload, "
                            "or dump straight to a .zarr URL")
-    ensure_parent(dest)
-    _refuse_existing(dest, overwrite)
+    output = Output(dest, "convert", [src_path], compressor)
     src = _open_complete(src_path)
     try:
-        comp = compressor or default_compressor(backend)
-        attrs = src.attrs | {"compressor": comp}
-        tmp = dest.rstrip("/") + ".tmp"
-        if os.path.exists(tmp):
-            shutil.rmtree(tmp) if os.path.isdir(tmp) else os.remove(tmp)
-        if backend == "hdf5":
-            write_hdf5(src, tmp, comp, attrs)
-        else:
-            out = create_zarr(tmp, Layout.from_attrs(attrs), comp, attrs)
-            copy_arrays(src, out.__getitem__, Layout.from_attrs(attrs))
-        if os.path.exists(dest):
-            shutil.rmtree(dest) if os.path.isdir(dest) else os.remove(dest)
-        os.replace(tmp, dest)
+        layout = Layout.from_attrs(src.attrs)
+        with ExitStack() as stack:
+            output.prepare(layout, src.attrs, stack, overwrite)
+            store = output.open()
+            copy_arrays(src, store.__getitem__, layout)
+            output.finalize(store, carry={k: src.attrs.get(k) for k in ("stats", "version")})
+            store.close()
+        output.cleanup()
         _verified(src, dest)
     finally:
         src.close()
@@ -103,15 +83,15 @@ def convert(src_path: str, dest: str, compressor: str | None = None, overwrite: 
 
 def pack(src_path: str, dest: str, overwrite: bool = False) -> None:
     """One uncompressed zip of a complete Zarr cache (chunks are compressed already); zarr reads it in place."""
-    if not dest.lower().endswith(".zip"):
+    if not is_packed(dest):
         raise KDCacheError(f"pack writes a .zip file: name the output like {dest}.zip")
     if is_url(dest):
         raise KDCacheError(f"pack writes a local file ({dest} is a URL): pack locally, then upload it")
-    _refuse_existing(dest, overwrite)
-    ensure_parent(dest)
-    with tempfile.TemporaryDirectory(dir=os.path.dirname(os.path.abspath(dest))) as tmpdir:
+    with ExitStack() as stack:
+        claim(dest, overwrite, stack)
+        tmpdir = stack.enter_context(tempfile.TemporaryDirectory(dir=os.path.dirname(os.path.abspath(dest))))
         root = src_path
-        if backend_for(src_path) != "zarr" or src_path.lower().endswith(".zip") or is_url(src_path):
+        if backend_for(src_path) != "zarr" or is_packed(src_path) or is_url(src_path):
             root = os.path.join(tmpdir, "cache.zarr")
             convert(src_path, root)
         _open_complete(root).close()

@@ -3,72 +3,17 @@
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from typing import Any
 
 import numpy as np
 
-from kdcache.cache.format import ATTR_KEY, Layout
 from kdcache.errors import KDCacheError
+from kdcache.format.spec import ATTR_KEY, BOOKKEEPING, Layout
+from kdcache.storage.paths import backend_for, is_packed, is_url, path_exists
 
-ZARR_SUFFIXES = (".zarr", ".zip")
-HDF5_SUFFIXES = (".h5", ".hdf5")
 ZARR_COMPRESSORS = ("blosc-zstd", "blosc-lz4", "zstd", "gzip", "none")
 HDF5_COMPRESSORS = ("gzip", "lzf", "none")
 H5_CHUNK_CACHE_BYTES = 64 << 20
-
-
-def backend_for(path: str) -> str:
-    """'zarr' or 'hdf5', chosen by the path's suffix."""
-    p = path.rstrip("/").lower()
-    if p.endswith(ZARR_SUFFIXES):
-        return "zarr"
-    if p.endswith(HDF5_SUFFIXES):
-        return "hdf5"
-    raise KDCacheError(
-        f"cannot tell the cache format of {path!r} from its suffix: end it in .zarr (Zarr directory) "
-        "or .h5/.hdf5 (HDF5 file), or .zip (a packed Zarr cache, read-only)"
-    )
-
-
-def is_url(path: str) -> bool:
-    """An fsspec URL (s3://, gs://, https://, …) rather than a local path."""
-    return "://" in path
-
-
-def path_exists(path: str) -> bool:
-    if not is_url(path):
-        return os.path.exists(path)
-    import fsspec
-
-    fs, p = fsspec.core.url_to_fs(path)
-    # Static hosts answer 404 for a directory URL: a Zarr group is there when its zarr.json is.
-    zarr_dir = backend_for(path) == "zarr" and not path.lower().endswith(".zip")
-    return fs.exists(p) or (zarr_dir and fs.exists(p.rstrip("/") + "/zarr.json"))
-
-
-def ensure_parent(path: str) -> None:
-    """Create the local directory an output goes into (URLs need none)."""
-    if is_url(path):
-        return
-    parent = os.path.dirname(os.path.abspath(path))
-    try:
-        os.makedirs(parent, exist_ok=True)
-    except OSError as e:
-        raise KDCacheError(f"cannot create the output folder {parent} ({e.strerror or e}): "
-                           "choose an --out in a folder you can write") from None
-
-
-def remove_tree(path: str) -> None:
-    """Delete a local or remote cache directory or file."""
-    if not is_url(path):
-        shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
-        return
-    import fsspec
-
-    fs, p = fsspec.core.url_to_fs(path)
-    fs.rm(p, recursive=True)
 
 
 def default_compressor(backend: str) -> str:
@@ -156,7 +101,7 @@ def _open_handle(path: str, backend: str, mode: str) -> Any:
     if backend == "zarr":
         import zarr
 
-        if path.lower().endswith(".zip"):
+        if is_packed(path):
             if mode != "r":
                 raise KDCacheError(f"{path} is a packed (read-only) cache: unpack it or dump to a .zarr path")
             if is_url(path):
@@ -206,13 +151,6 @@ def read_attrs(path: str) -> dict:
         store.close()
 
 
-def same_path(a: str, b: str) -> bool:
-    """True when two cache paths name the same place (local paths resolved; URLs compared as written)."""
-    if is_url(a) or is_url(b):
-        return a.rstrip("/") == b.rstrip("/")
-    return os.path.realpath(a) == os.path.realpath(b)
-
-
 def create_zarr(path: str, layout: Layout, compressor: str, attrs: dict) -> Store:
     """Create an empty Zarr v3 cache group with every array of `layout` (done all zero)."""
     import zarr
@@ -220,7 +158,7 @@ def create_zarr(path: str, layout: Layout, compressor: str, attrs: dict) -> Stor
     codec = _zarr_codecs(compressor)
     g = zarr.open_group(path, mode="w")
     for name, (shape, dtype, chunks) in layout.arrays().items():
-        small = name in ("done", "checksum")
+        small = name in BOOKKEEPING
         g.create_array(name, shape=shape, dtype=dtype, chunks=chunks, fill_value=0,
                        compressors=None if small else codec)
     store = Store(path, "zarr", g)
@@ -232,7 +170,7 @@ def copy_arrays(src: Store, put: Any, layout: Layout) -> None:
     """Copy every array of `layout` from `src` into `put(name)` chunk by chunk (never a whole-array load)."""
     for name in layout.arrays():
         dst = put(name)
-        if name in ("done", "checksum"):
+        if name in BOOKKEEPING:
             dst[...] = src[name][...]
             continue
         for c in range(layout.n_chunks):
@@ -249,15 +187,6 @@ def write_hdf5(src: Store, dest: str, compressor: str, attrs: dict) -> None:
     with h5py.File(dest, "w") as f:
         for name, (shape, dtype, chunks) in layout.arrays().items():
             f.create_dataset(name, shape=shape, dtype=dtype, chunks=chunks,
-                             **({} if name in ("done", "checksum") else opts))
+                             **({} if name in BOOKKEEPING else opts))
         copy_arrays(src, f.__getitem__, layout)
         f.attrs[ATTR_KEY] = json.dumps(attrs)
-
-
-def staging_path(path: str) -> str:
-    """Where a dump builds its cache: the path itself for Zarr; a Zarr beside it for HDF5.
-
-    An HDF5 file cannot survive a kill mid-write, so HDF5 caches are built as Zarr and
-    converted only once complete: an HDF5 cache on disk is always a complete one.
-    """
-    return path if backend_for(path) == "zarr" else path.rstrip("/") + ".partial.zarr"

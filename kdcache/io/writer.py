@@ -5,13 +5,13 @@ from __future__ import annotations
 import queue
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
-from kdcache.cache.format import PER_VIEW, ROW_ARRAYS, Layout, view_checksum
-from kdcache.cache.store import Store
 from kdcache.errors import KDCacheError
+from kdcache.format.spec import PER_VIEW, ROW_ARRAYS, Layout, view_checksum
+from kdcache.storage.backends import Store
 
 
 @dataclass
@@ -27,7 +27,6 @@ class Rows:
 class _ChunkBuffer:
     arrays: dict[str, np.ndarray]
     filled: int = 0
-    seen: set[int] = field(default_factory=set)
 
 
 class ChunkWriter:

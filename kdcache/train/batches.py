@@ -1,4 +1,4 @@
-"""Training batches: dataset images beside the soft targets of one or more caches, one view per epoch."""
+"""Training batches: dataset samples beside the soft targets of one or more caches, one view per epoch."""
 
 from __future__ import annotations
 
@@ -9,19 +9,21 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from kdcache.cache.reader import Cache, CacheBatch
-from kdcache.cache.sampler import ChunkAwareSampler
-from kdcache.data.datasets import SourceDataset
+from kdcache.data.sources import SourceDataset
 from kdcache.data.views import AugmentSpec, identity_views, sample_views
+from kdcache.io.reader import Cache, CacheBatch
+from kdcache.io.sampler import ChunkAwareSampler
 from kdcache.train.losses import SoftTarget
 
 
 @dataclass
 class Batch:
-    """Base images (uint8, on device), labels, the views to render, and one SoftTarget per cache."""
+    """Samples (base images or tensors, on device), labels, dataset indices, the views to render (images), and
+    one SoftTarget per cache."""
 
-    images: torch.Tensor
+    samples: torch.Tensor
     labels: torch.Tensor
+    indices: np.ndarray
     views: torch.Tensor
     targets: list[SoftTarget]
 
@@ -72,7 +74,7 @@ class PairedLoader:
         ends = np.cumsum([self._rows(w) for w in windows])
         last = [self._last_window(cache, windows) for cache in self.caches]
         seen_rows, fetched, released = 0, 0, 0
-        for images, labels, idx in loader:
+        for samples, labels, idx in loader:
             idx_np = idx.numpy()
             current = int(np.searchsorted(ends, seen_rows, side="right"))
             while fetched < min(current + 2, len(windows)):  # the current window and the next one
@@ -91,7 +93,8 @@ class PairedLoader:
                 views = torch.from_numpy(sample_views(self.augment, idx_np, 1, self.seed + 7919 * (epoch + 1))[:, 0])
             else:
                 views = torch.from_numpy(identity_views(len(idx_np))[:, 0])
-            yield Batch(images=images.to(self.device, non_blocking=nb), labels=labels.to(self.device, non_blocking=nb),
+            yield Batch(samples=samples.to(self.device, non_blocking=nb),
+                        labels=labels.to(self.device, non_blocking=nb), indices=idx_np,
                         views=views.to(self.device, non_blocking=nb),
                         targets=[to_target(b, c.num_classes, self.device) for b, c in zip(cb, self.caches)])
 

@@ -11,16 +11,19 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from kdcache.cache.format import (
+from kdcache.errors import KDCacheError
+from kdcache.format.spec import (
     PER_VIEW,
     ROW_ARRAYS,
     STATUS_COMPLETE,
     Layout,
     check_version,
+    is_structural,
+    schema_problems,
     view_checksum,
 )
-from kdcache.cache.store import Store, open_store, path_exists, staging_path
-from kdcache.errors import KDCacheError
+from kdcache.storage.backends import Store, open_store
+from kdcache.storage.paths import path_exists, staging_path
 
 DEFAULT_LRU_BYTES = 16 << 20
 
@@ -43,6 +46,11 @@ class Cache:
         self.store, self.path = store, store.path
         self.attrs = store.attrs
         check_version(self.attrs, self.path)
+        damaged = [p for p in schema_problems(self.attrs) if is_structural(p)]
+        if damaged:
+            store.close()
+            raise KDCacheError(f"{self.path} has damaged {damaged[0]}: run 'kdcache verify {self.path}', and dump or "
+                               "fetch it again")
         self.layout = Layout.from_attrs(self.attrs)
         self._labels: np.ndarray | None = None
         self._checksums = np.asarray(store["checksum"][...], dtype=np.uint32)
@@ -94,8 +102,7 @@ class Cache:
 
     def decoded_bytes(self) -> int:
         """Bytes the cache takes once decoded into memory (all views)."""
-        shapes = self.layout.arrays()
-        return sum(int(np.prod(shapes[n][0])) * np.dtype(shapes[n][1]).itemsize for n in PER_VIEW if n in shapes)
+        return self.layout.decoded_bytes()
 
     # --- reading --------------------------------------------------------------------------------
     def read_chunk(self, c: int, view: int = 0) -> dict[str, np.ndarray]:

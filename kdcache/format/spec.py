@@ -1,4 +1,4 @@
-"""Cache format v1: the one place in code that defines arrays, shapes, dtypes and attributes.
+"""Cache layout: the one place in code that defines arrays, shapes, dtypes, versions and the checksum rule.
 
 docs/FORMAT.md documents the same layout for people; tests/test_conformance.py reads
 a cache with plain zarr/h5py to hold the two to each other.
@@ -6,12 +6,12 @@ a cache with plain zarr/h5py to hold the two to each other.
 
 from __future__ import annotations
 
-import hashlib
 import zlib
 from dataclasses import dataclass
 
 import numpy as np
 
+from kdcache.data.views import VIEW_FIELDS
 from kdcache.errors import KDCacheError
 
 FORMAT_NAME = "kdcache"
@@ -19,9 +19,9 @@ FORMAT_VERSION = "1.1"        # whole caches: readable by every 1.x reader
 RANGE_FORMAT_VERSION = "2.0"  # range caches: row i is dataset sample rows.start + i, which 1.x readers would miss
 READER_MAJOR = 2              # the newest major version this reader reads
 ATTR_KEY = "kdcache"
-VIEW_FIELDS = ("y0", "x0", "h", "w", "flip")
 PER_VIEW = ("values", "indices", "tail", "views")  # arrays with a view axis, in checksum order
 ROW_ARRAYS = (*PER_VIEW, "labels")                  # arrays with one row per sample
+BOOKKEEPING = ("done", "checksum")                  # one entry per chunk, never compressed
 STATUS_PARTIAL = "partial"
 STATUS_COMPLETE = "complete"
 TAIL_DEFINITION = "logsumexp of the teacher logits not in the top-k, at T=1"
@@ -32,6 +32,15 @@ REQUIRED_ATTRS = (
     "format", "version", "status", "kind", "k", "num_classes", "n", "n_views", "chunk_rows",
     "value_dtype", "index_dtype", "teacher", "dataset", "views", "created", "tool", "command",
 )
+TYPED_ATTRS = (  # what readers rely on, with its type
+    ("n", int), ("n_views", int), ("num_classes", int), ("chunk_rows", int), ("command", str), ("version", str),
+    ("status", str), ("kind", str), ("value_dtype", str), ("teacher", dict), ("teacher.name", str),
+    ("teacher.weights", dict), ("teacher.preprocess", dict), ("dataset", dict), ("dataset.spec", str),
+    ("dataset.split", str), ("dataset.n", int), ("dataset.num_classes", int), ("dataset.class_names", list),
+    ("dataset.fingerprint", str), ("views", dict), ("views.augment", str), ("views.seed", int),
+)
+MISSING, MISTYPED = "missing", "should be"
+_ABSENT = object()
 
 
 def index_dtype(num_classes: int) -> str:
@@ -39,7 +48,7 @@ def index_dtype(num_classes: int) -> str:
     return "int16" if num_classes <= np.iinfo(np.int16).max else "int32"
 
 
-def default_chunk_rows(width: int, n_views: int, value_dtype: str) -> int:
+def default_chunk_rows(width: int, value_dtype: str) -> int:
     """Rows per chunk so that one view's values chunk is about 1 MiB (power of two, clamped)."""
     row_bytes = width * np.dtype(value_dtype).itemsize
     rows = TARGET_CHUNK_BYTES // max(row_bytes, 1)
@@ -68,6 +77,14 @@ class Layout:
             )
         if self.n < 1 or self.n_views < 1 or self.chunk_rows < 1:
             raise KDCacheError(f"empty cache layout (n={self.n}, views={self.n_views}, chunk rows={self.chunk_rows})")
+
+    @classmethod
+    def for_dataset(cls, n: int, dataset_n: int, n_views: int, num_classes: int, k: int | None, value_dtype: str,
+                    chunk_rows: int | None = None) -> "Layout":
+        """A layout of n rows chunked as a cache of the whole dataset would be (default ~1 MiB chunks), so that
+        range caches, joins and merges of one dataset share chunk boundaries."""
+        rows = chunk_rows or default_chunk_rows(k or num_classes, value_dtype)
+        return cls(n, n_views, num_classes, k, value_dtype, min(rows, dataset_n))
 
     @property
     def kind(self) -> str:
@@ -103,6 +120,11 @@ class Layout:
             out["tail"] = ((n, v), "float32", (r, 1))
         return out
 
+    def decoded_bytes(self) -> int:
+        """Bytes of the per-view arrays once decoded into memory (all views)."""
+        return sum(int(np.prod(s)) * np.dtype(d).itemsize for name, (s, d, _) in self.arrays().items()
+                   if name in PER_VIEW)
+
     def to_attrs(self) -> dict:
         return {
             "kind": self.kind, "k": self.k, "num_classes": self.num_classes, "n": self.n,
@@ -115,11 +137,6 @@ class Layout:
         return cls(n=int(a["n"]), n_views=int(a["n_views"]), num_classes=int(a["num_classes"]),
                    k=None if a["k"] is None else int(a["k"]), value_dtype=a["value_dtype"],
                    chunk_rows=int(a["chunk_rows"]))
-
-
-def labels_sha256(labels: np.ndarray) -> str:
-    """Hex SHA-256 of labels as little-endian int64 (the `labels_sha256` attributes)."""
-    return hashlib.sha256(memoryview(np.ascontiguousarray(labels, dtype="<i8"))).hexdigest()
 
 
 def version_for(rows: dict | None) -> str:
@@ -169,9 +186,55 @@ def check_version(attrs: dict, where: str) -> None:
     """Refuse what is not a kdcache cache or a major version newer than this reader."""
     if attrs.get("format") != FORMAT_NAME:
         raise KDCacheError(f"{where} is not a kdcache cache (no '{ATTR_KEY}' attributes with format 'kdcache')")
-    major = str(attrs.get("version", "0")).split(".")[0]
-    if not major.isdigit() or int(major) > READER_MAJOR:
+    version = str(attrs.get("version", ""))
+    major, _, minor = version.partition(".")
+    if not (major.isdigit() and minor.isdigit()):
+        raise KDCacheError(f"{where} has a damaged format version {version[:20]} (expected MAJOR.MINOR); "
+                           f"run 'kdcache verify {where}'")
+    if int(major) > READER_MAJOR:
         raise KDCacheError(
-            f"{where} has format version {attrs.get('version')}, newer than this kdcache reads "
+            f"{where} has format version {version}, newer than this kdcache reads "
             f"(up to {READER_MAJOR}.x); upgrade kdcache"
         )
+
+
+def schema_problems(attrs: dict) -> list[str]:
+    """What is missing or mistyped in a cache's attributes (empty when readers can rely on them)."""
+    missing = [k for k in REQUIRED_ATTRS if k not in attrs]
+    if missing:
+        return [f"attributes: {MISSING} {', '.join(missing)}"]
+    problems = []
+    for key, typ in TYPED_ATTRS:
+        parent, _, name = key.rpartition(".")
+        if parent and not isinstance(attrs.get(parent), dict):  # reported once, as the parent's problem
+            continue
+        value = (attrs[parent] if parent else attrs).get(name, _ABSENT)
+        if value is _ABSENT:
+            problems.append(f"attributes: {MISSING} {key}")
+        elif not isinstance(value, typ) or isinstance(value, bool):
+            problems.append(f"attributes: {key} {MISTYPED} {typ.__name__}, found {type(value).__name__}")
+    if attrs["k"] is not None and (not isinstance(attrs["k"], int) or isinstance(attrs["k"], bool)):
+        problems.append(f"attributes: k {MISTYPED} int or null, found {type(attrs['k']).__name__}")
+    if problems:
+        return problems
+    expected = ("full" if attrs["k"] is None else "topk", attrs["value_dtype"] in VALUE_DTYPES)
+    if attrs["kind"] != expected[0] or not expected[1]:
+        return [f"attributes: kind {attrs['kind']!r}, k {attrs['k']!r} and value_dtype {attrs['value_dtype']!r} "
+                f"{MISTYPED} full/null or topk/int, and one of {', '.join(VALUE_DTYPES)}"]
+    if attrs.get("rows") is None:
+        if isinstance(attrs.get("dataset"), dict) and attrs["dataset"].get("n") != attrs["n"]:
+            problems.append(f"attributes: dataset.n {attrs['dataset'].get('n')} differs from n {attrs['n']}")
+        return problems
+    try:
+        start, stop = row_range(attrs)
+    except KDCacheError:
+        return problems + ["attributes: rows should be null or an object with int start and stop"]
+    total = attrs["dataset"].get("n")
+    if not (0 <= start and stop - start == attrs["n"] and type(total) is int and stop <= total):
+        problems.append(f"attributes: rows {start}:{stop} do not hold n={attrs['n']} samples of a dataset of {total}")
+    return problems
+
+
+def is_structural(problem: str) -> bool:
+    """A schema problem that leaves the attributes unusable (as opposed to inconsistent)."""
+    return MISSING in problem or MISTYPED in problem

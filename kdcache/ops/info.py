@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import os
 
-from kdcache.cache.format import row_range
-from kdcache.cache.reader import Cache
+from kdcache.format.spec import row_range
+from kdcache.io.reader import Cache
 
 NEAR_ONE_HOT_TOP1 = 0.99
 
@@ -45,7 +45,8 @@ def summary(cache: Cache) -> dict:
         "teacher": a["teacher"]["name"], "teacher_weights": a["teacher"]["weights"],
         "teacher_params": a["teacher"].get("params"), "teacher_top1": top1,
         "mean_entropy": stats.get("mean_entropy"), "topk_mass": stats.get("topk_mass"),
-        "image_size": a["teacher"]["preprocess"]["image_size"],
+        "image_size": a["teacher"]["preprocess"].get("image_size"),
+        "input": a["dataset"].get("input") or {"kind": "image", "shape": a["dataset"].get("base_shape")},
         "dataset": a["dataset"]["spec"], "split": a["dataset"]["split"], "fingerprint": a["dataset"]["fingerprint"],
         "labelled": _labelled(cache), "class_names": a["dataset"]["class_names"],
         "augment": a["views"]["augment"], "seed": a["views"]["seed"],
@@ -59,6 +60,14 @@ def _labelled(cache: Cache) -> int | None:
     if cache.attrs.get("rows") is None:
         return cache.attrs["dataset"].get("labelled")
     return int((cache.labels >= 0).sum()) if cache.complete else None
+
+
+def _input(s: dict) -> str:
+    """What the teacher was given: images at N px, or tensors of a shape and dtype as the dataset yields them."""
+    if s["image_size"] is not None:
+        return f"{s['image_size']} px"
+    i = s["input"]
+    return f"tensors {'×'.join(map(str, i.get('shape') or []))} {i.get('dtype', '')}".rstrip()
 
 
 def _fmt_bytes(n: float | None) -> str:
@@ -113,7 +122,7 @@ def as_text(s: dict) -> str:
         ("samples", f"{s['n']} × {s['n_views']} view(s), {s['num_classes']} classes, {kind}, {s['value_dtype']}"),
         ("on disk", f"{_fmt_bytes(s['bytes_on_disk'])} ({_fmt_bytes(s['bytes_per_sample'])}/sample, "
                     f"{s['compressor']}; {_fmt_bytes(s['decoded_bytes'])} decoded)"),
-        ("teacher", f"{s['teacher']} ({s['teacher_params'] or '?'} params, {s['image_size']} px), "
+        ("teacher", f"{s['teacher']} ({s['teacher_params'] or '?'} params, {_input(s)}), "
                     f"weights sha256 {str(s['teacher_weights'].get('sha256'))[:16]}…"),
         ("teacher top-1", _pct(s["teacher_top1"]) + f" on {s['labelled']} labelled samples"),
         ("mean entropy", "n/a" if s["mean_entropy"] is None else f"{s['mean_entropy']:.4f} nats"),
@@ -137,7 +146,7 @@ def as_markdown(s: dict) -> str:
     s = {k: _cell(v) if isinstance(v, str) else v for k, v in s.items()}
     s["teacher_weights"] = {k: _cell(v) for k, v in s["teacher_weights"].items()}
     rows = [
-        ("Teacher", f"`{s['teacher']}` ({s['teacher_params'] or '?'} parameters, input {s['image_size']} px)"),
+        ("Teacher", f"`{s['teacher']}` ({s['teacher_params'] or '?'} parameters, input {_input(s)})"),
         ("Weights", f"{s['teacher_weights'].get('source', '?')}, sha256 `{s['teacher_weights'].get('sha256')}`"),
         ("Dataset", f"`{s['dataset']}` split `{s['split']}`, {s['dataset_n']} samples, {s['num_classes']} classes"),
         ("Rows", _rows(s)),

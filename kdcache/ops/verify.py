@@ -4,48 +4,18 @@ from __future__ import annotations
 
 import numpy as np
 
-from kdcache.cache.format import (
+from kdcache.data.datasets import labels_sha256
+from kdcache.errors import KDCacheError
+from kdcache.format.spec import (
     PER_VIEW,
-    REQUIRED_ATTRS,
     STATUS_COMPLETE,
     Layout,
     check_version,
-    labels_sha256,
-    row_range,
+    is_structural,
+    schema_problems,
     view_checksum,
 )
-from kdcache.cache.store import Store, open_store
-from kdcache.errors import KDCacheError
-
-
-def _schema(attrs: dict) -> list[str]:
-    missing = [k for k in REQUIRED_ATTRS if k not in attrs]
-    if missing:
-        return [f"attributes: missing {', '.join(missing)}"]
-    problems = []
-    for key, typ in (("n", int), ("n_views", int), ("num_classes", int), ("chunk_rows", int), ("teacher", dict),
-                     ("dataset", dict), ("views", dict), ("command", str), ("version", str), ("status", str),
-                     ("value_dtype", str)):
-        if not isinstance(attrs[key], typ) or isinstance(attrs[key], bool):
-            problems.append(f"attributes: {key} should be {typ.__name__}, found {type(attrs[key]).__name__}")
-    if attrs["k"] is not None and (not isinstance(attrs["k"], int) or isinstance(attrs["k"], bool)):
-        problems.append(f"attributes: k should be int or null, found {type(attrs['k']).__name__}")
-    if problems:
-        return problems
-    if attrs["status"] != STATUS_COMPLETE:
-        problems.append(f"attributes: status is {attrs['status']!r}, not 'complete' (finish it with --resume)")
-    if attrs.get("rows") is None:
-        if isinstance(attrs.get("dataset"), dict) and attrs["dataset"].get("n") != attrs["n"]:
-            problems.append(f"attributes: dataset.n {attrs['dataset'].get('n')} differs from n {attrs['n']}")
-        return problems
-    try:
-        start, stop = row_range(attrs)
-    except KDCacheError:
-        return problems + ["attributes: rows should be null or an object with int start and stop"]
-    total = attrs["dataset"].get("n")
-    if not (0 <= start and stop - start == attrs["n"] and type(total) is int and stop <= total):
-        problems.append(f"attributes: rows {start}:{stop} do not hold n={attrs['n']} samples of a dataset of {total}")
-    return problems
+from kdcache.storage.backends import Store, open_store
 
 
 def _arrays(store: Store, layout: Layout) -> list[str]:
@@ -101,9 +71,11 @@ def verify(path: str) -> tuple[list[str], dict]:
             check_version(attrs, path)
         except KDCacheError as e:
             return [str(e)], {}
-        problems = _schema(attrs)
-        if any("missing" in p or "should be" in p for p in problems):
+        problems = schema_problems(attrs)
+        if any(is_structural(p) for p in problems):
             return problems, {}
+        if attrs["status"] != STATUS_COMPLETE:
+            problems.append(f"attributes: status is {attrs['status']!r}, not 'complete' (finish it with --resume)")
         try:
             layout = Layout.from_attrs(attrs)
         except (KDCacheError, ValueError, TypeError) as e:

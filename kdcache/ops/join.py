@@ -10,47 +10,23 @@ their union.
 
 from __future__ import annotations
 
-import datetime
 from contextlib import ExitStack
 
 import numpy as np
 
-from kdcache import __version__
-from kdcache.cache.derive import check_target, derived_cache
-from kdcache.cache.format import Layout, labels_sha256, row_range, version_for
-from kdcache.cache.reader import Cache, open_cache
-from kdcache.cache.writer import ChunkWriter, Rows
+from kdcache.data.datasets import labels_sha256
 from kdcache.errors import KDCacheError
-
-DATASET_KEYS = ("spec", "split", "n", "num_classes", "class_names", "fingerprint", "labels_sha256")
-
-
-def _identity(c: Cache) -> dict:
-    """What every member of a join must share: all but the rows."""
-    a = c.attrs
-    try:
-        return {
-            **{f"dataset {k}": a["dataset"].get(k) for k in DATASET_KEYS},
-            "teacher": a["teacher"]["name"], "teacher weights": a["teacher"]["weights"].get("sha256"),
-            "teacher arch_args": a["teacher"].get("arch_args"), "preprocess": a["teacher"]["preprocess"],
-            "kind": a["kind"], "k": a["k"], "num_classes": a["num_classes"], "value_dtype": a["value_dtype"],
-            "n_views": a["n_views"], "augment": a["views"]["augment"], "seed": a["views"]["seed"],
-            "merge": a.get("merge"), "created": a["created"], "command": a["command"],
-        }
-    except (KeyError, TypeError, AttributeError) as e:
-        raise KDCacheError(f"cannot join {c.path}: its attributes are damaged ({type(e).__name__}: {e}); "
-                           f"run 'kdcache verify {c.path}'") from None
+from kdcache.format.attrs import cache_attrs, check_compatible
+from kdcache.format.spec import Layout, row_range
+from kdcache.io.output import check_target, derived_cache
+from kdcache.io.reader import Cache, open_cache
+from kdcache.io.writer import ChunkWriter, Rows
 
 
 def _check_members(caches: list[Cache]) -> None:
-    """Same identity, and ranges (in row order) that neither overlap nor leave a gap."""
-    first, ident = caches[0], _identity(caches[0])
-    for other in caches[1:]:
-        for key, value in _identity(other).items():
-            if value != ident[key] and key not in ("created", "command"):
-                raise KDCacheError(
-                    f"cannot join {first.path} and {other.path}: {key} differs ({str(ident[key])[:40]} vs "
-                    f"{str(value)[:40]}); join the range caches of one dump command (same settings, other --rows)")
+    """Same identity (all but the rows), and ranges (in row order) that neither overlap nor leave a gap."""
+    check_compatible([(c.path, c.attrs) for c in caches], ["dataset", "teacher", "layout", "views"], "join",
+                     "join the range caches of one dump command (same settings, other --rows)")
     for c in caches:
         want = (c.attrs["rows"] if c.attrs.get("rows") is not None else c.attrs["dataset"]).get("labels_sha256")
         if labels_sha256(c.labels) != want:
@@ -77,17 +53,15 @@ def _attrs(caches: list[Cache], layout: Layout, rows: tuple[int, int], command: 
     whole = rows == (0, first["dataset"]["n"])
     span = None if whole else {"start": rows[0], "stop": rows[1],
                                "labels_sha256": labels_sha256(np.concatenate([c.labels for c in caches]))}
-    kept = {k: v for k, v in first.items() if k not in ("stats", "status", "compressor")}
     batch_size = _common(caches, lambda a: a.get("dump", {}).get("batch_size"))  # null: the members differ
-    return kept | {
-        "version": version_for(span), **layout.to_attrs(), "rows": span,
-        "dump": first.get("dump", {}) | {"rows": None if whole else list(rows), "chunk_rows": layout.chunk_rows,
-                                         "batch_size": batch_size},
-        "join": {"members": [{"path": c.path, "rows": list(row_range(c.attrs)), "created": c.attrs["created"],
-                              "command": c.attrs["command"]} for c in caches]},
-        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "tool": f"kdcache {__version__}", "command": command,
-    }
+    extra = {"merge": first["merge"]} if first.get("merge") else {}
+    return cache_attrs(
+        layout, teacher=first["teacher"], dataset=first["dataset"], views=first["views"],
+        dump=first.get("dump", {}) | {"rows": None if whole else list(rows), "chunk_rows": layout.chunk_rows,
+                                      "batch_size": batch_size},
+        rows=span, command=command, **extra,
+        join={"members": [{"path": c.path, "rows": list(row_range(c.attrs)), "created": c.attrs["created"],
+                           "command": c.attrs["command"]} for c in caches]})
 
 
 def _put(writer: ChunkWriter, chunk_rows: int, start: int, arrays: dict[str, np.ndarray]) -> None:
@@ -113,7 +87,8 @@ def join(paths: list[str], out: str, overwrite: bool = False, command: str = "")
         layout = Layout(rows[1] - rows[0], first.n_views, first.num_classes, first.k, first.value_dtype,
                         first.chunk_rows)
         compressor = _common(caches, lambda a: a.get("compressor"))
-        with derived_cache(out, layout, _attrs(caches, layout, rows, command), overwrite, compressor) as writer:
+        with derived_cache(out, layout, _attrs(caches, layout, rows, command), overwrite, "join", paths,
+                           compressor) as writer:
             for cache in caches:
                 offset = row_range(cache.attrs)[0] - rows[0]
                 for c in range(cache.layout.n_chunks):

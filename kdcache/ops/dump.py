@@ -1,0 +1,184 @@
+"""Stage 1: run a teacher once over a dataset and write its logits into a cache."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import ExitStack
+from dataclasses import replace
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from kdcache.config import DumpConfig
+from kdcache.data.datasets import fingerprint, labels_sha256, open_dataset
+from kdcache.data.render import ModelInput, model_input
+from kdcache.data.sources import SourceDataset
+from kdcache.data.views import VIEW_FIELDS, AugmentSpec, identity_views, sample_views
+from kdcache.device import autocast, pick_device, to_model_layout
+from kdcache.dist import init_from_env, shutdown
+from kdcache.errors import KDCacheError
+from kdcache.format.attrs import cache_attrs
+from kdcache.format.spec import Layout, parse_rows
+from kdcache.format.topk import to_topk
+from kdcache.io.output import Output
+from kdcache.io.writer import ChunkWriter, Rows
+from kdcache.models import build_model, checkpoint_arch_args, load_weights
+from kdcache.progress import progress
+from kdcache.storage.backends import Store
+
+RESUME_KEYS = ("teacher", "weights_sha256", "dataset", "split", "fingerprint", "topk", "dtype", "image_size",
+               "batch_size", "chunk_rows", "views", "augment", "seed", "rows")
+
+
+class ChunkBatches:
+    """Dataset indices in batches that never cross a chunk boundary, made lazily (no per-sample list).
+
+    Batches split the same way whatever chunks remain, so a resumed dump computes the same rows.
+    `offset` is the dataset row of cache row 0 (a range cache's `--rows` start).
+    """
+
+    def __init__(self, layout: Layout, chunks: list[int], batch_size: int, offset: int = 0) -> None:
+        self.layout, self.chunks, self.batch_size, self.offset = layout, chunks, batch_size, offset
+
+    def __iter__(self) -> Iterator[range]:
+        for c in self.chunks:
+            sl = self.layout.chunk_slice(c)
+            for s in range(sl.start, sl.stop, self.batch_size):
+                yield range(self.offset + s, self.offset + min(s + self.batch_size, sl.stop))
+
+    def __len__(self) -> int:
+        return sum(-(-self._rows(c) // self.batch_size) for c in self.chunks)
+
+    @property
+    def rows(self) -> int:
+        return sum(self._rows(c) for c in self.chunks)
+
+    def _rows(self, c: int) -> int:
+        sl = self.layout.chunk_slice(c)
+        return sl.stop - sl.start
+
+
+def _check_views(cfg: DumpConfig, ds: SourceDataset, aug: AugmentSpec) -> None:
+    """Views are image crops: refused for tensors, and never V identical copies."""
+    if not ds.info.is_image and (cfg.views > 1 or not aug.is_identity):
+        flag = "--views" if cfg.views > 1 else "--augment"
+        raise KDCacheError(f"{flag} applies to images, but the dataset yields {ds.info.describe()}, which reach the "
+                           f"teacher exactly as given: drop {flag}")
+    if cfg.views > 1 and aug.is_identity:
+        raise KDCacheError(f"--views {cfg.views} without --augment would store {cfg.views} identical copies of each "
+                           "sample: add --augment SPEC (e.g. 'rrc(0.08,1)+flip', FKD's random-resized crops and "
+                           "flips), or drop --views")
+
+
+def _attrs(cfg: DumpConfig, ds: SourceDataset, layout: Layout, teacher_id: dict, pre: ModelInput,
+           aug: AugmentSpec, rows: tuple[int, int]) -> dict:
+    fp = fingerprint(ds)
+    whole = rows == (0, len(ds))
+    span = None if whole else {"start": rows[0], "stop": rows[1],
+                               "labels_sha256": labels_sha256(ds.labels[rows[0]:rows[1]])}
+    info = ds.info
+    dataset = {"spec": info.spec, "split": info.split, "n": len(ds), "num_classes": info.num_classes,
+               "class_names": list(info.class_names), "input": info.input_json(), "fingerprint": fp,
+               "labels_sha256": labels_sha256(ds.labels), "labelled": int((ds.labels >= 0).sum())}
+    if info.is_image:
+        dataset["base_shape"] = list(info.sample_shape)
+    return cache_attrs(
+        layout,
+        teacher={"name": cfg.teacher, "weights": teacher_id, "params": teacher_id.get("params"),
+                 "arch_args": teacher_id.get("arch_args", {}), "preprocess": pre.to_json()},
+        dataset=dataset,
+        views={"fields": list(VIEW_FIELDS), "augment": str(aug), "augment_spec": aug.to_json(), "seed": cfg.seed},
+        dump={"teacher": cfg.teacher, "weights_sha256": teacher_id.get("sha256"), "dataset": info.spec,
+              "split": info.split, "fingerprint": fp, "topk": cfg.topk, "dtype": cfg.dtype,
+              "image_size": getattr(pre, "image_size", None), "batch_size": cfg.batch_size,
+              "chunk_rows": layout.chunk_rows, "views": cfg.views, "augment": str(aug), "seed": cfg.seed,
+              "rows": None if whole else list(rows)},
+        rows=span, command=cfg.command)
+
+
+def _load_teacher(cfg: DumpConfig, num_classes: int, pre: ModelInput,
+                  device: torch.device) -> tuple[torch.nn.Module, dict]:
+    weights = cfg.weights
+    if weights is None:
+        raise KDCacheError(
+            f"no --weights for teacher {cfg.teacher}: pass --weights PATH (a checkpoint, e.g. from kdtrain) "
+            "or --weights DEFAULT for torchvision's published weights"
+        )
+    args = checkpoint_arch_args(weights) | cfg.teacher_args
+    model = build_model(cfg.teacher, num_classes=num_classes, input_shape=pre.input_shape, **args)
+    ident = load_weights(model, weights, cfg.teacher) | {"arch_args": args}
+    model.eval().to(device)
+    if device.type == "cuda" and len(pre.input_shape) == 3:
+        model = model.to(memory_format=torch.channels_last)
+    return model, ident
+
+
+def run_dump(cfg: DumpConfig) -> str:
+    """Dump (or resume) a cache as `cfg` says; returns the path of the finished cache."""
+    output = Output(cfg.out, "dump", compressor=cfg.compressor)
+    aug = AugmentSpec.parse(cfg.augment)
+    ds = open_dataset(cfg.dataset, cfg.split, cfg.data_root, cfg.download)
+    _check_views(cfg, ds, aug)
+    pre = model_input(ds.info, cfg.image_size)
+    rows = parse_rows(cfg.rows, len(ds))
+    # Chunk rows depend on the dataset, not the range, so range caches chunk like the whole dump would.
+    layout = Layout.for_dataset(rows[1] - rows[0], len(ds), cfg.views, ds.info.num_classes, cfg.topk, cfg.dtype,
+                                cfg.chunk_rows)
+    requested = pick_device(cfg.device)
+    d = init_from_env(requested.type == "cuda")
+    try:
+        device = d.device(requested)
+        teacher, ident = _load_teacher(cfg, ds.info.num_classes, pre, device)
+        attrs = _attrs(cfg, ds, layout, ident, pre, aug, rows)
+        with ExitStack() as stack:  # rank 0 holds the lock for the whole job
+            d.on_main(lambda: output.prepare(layout, attrs, stack, cfg.overwrite, cfg.resume, RESUME_KEYS))
+            store = output.open()
+            done = np.asarray(store["done"][...], dtype=bool)
+            # Each rank takes every world_size-th unfinished chunk: resumable whatever the earlier world size.
+            todo = [c for c in range(layout.n_chunks) if not done[c]][d.rank::d.world_size]
+            batches = ChunkBatches(layout, todo, cfg.batch_size, offset=rows[0])
+            _run_chunks(replace(cfg, progress=cfg.progress and d.main), teacher, ds, layout, store, batches, pre,
+                        aug, device)
+            d.barrier()
+            d.on_main(lambda: output.finalize(store))
+            store.close()
+        d.on_main(output.cleanup)
+    finally:
+        shutdown(d)
+    return cfg.out
+
+
+def _run_chunks(cfg: DumpConfig, teacher: torch.nn.Module, ds: SourceDataset, layout: Layout, store: Store,
+                batches: ChunkBatches, pre: ModelInput, aug: AugmentSpec, device: torch.device) -> None:
+    loader = DataLoader(ds, batch_sampler=batches, num_workers=cfg.num_workers,
+                        pin_memory=device.type == "cuda", persistent_workers=False)
+    value_dtype = getattr(torch, cfg.dtype)
+    cuda = device.type == "cuda"
+    writer = ChunkWriter(store, layout)
+    try:
+        with progress(total=batches.rows, desc=f"dump {cfg.teacher}", unit="sample", enable=cfg.progress) as bar, \
+                torch.inference_mode():
+            for samples, labels, idx in loader:
+                idx_np = idx.numpy()
+                views = identity_views(len(idx_np), cfg.views) if aug.is_identity \
+                    else sample_views(aug, idx_np, cfg.views, cfg.seed)
+                x = samples.to(device, non_blocking=True)
+                v_t = torch.from_numpy(views).to(device, non_blocking=True)
+                per_view = []
+                for v in range(cfg.views):
+                    with autocast(device):
+                        per_view.append(teacher(to_model_layout(pre(x, v_t[:, v]))).float())
+                out = to_topk(torch.stack(per_view, 1), cfg.topk, value_dtype)
+                arrays: dict[str, object] = {k: t.to("cpu", non_blocking=cuda) for k, t in out.items()}
+                ready = None
+                if cuda:
+                    event = torch.cuda.Event()
+                    event.record()
+                    ready = event.synchronize
+                arrays["labels"] = labels.numpy().astype(np.int64)
+                arrays["views"] = views
+                writer.put(Rows(start=int(idx_np[0]) - batches.offset, arrays=arrays, ready=ready))
+                bar.update(len(idx_np))
+    finally:
+        writer.close()

@@ -1,0 +1,244 @@
+"""Stage 2: train a student from cached soft targets (or from labels alone), with no teacher in memory.
+
+A flat recipe to read top to bottom and fork: `run_train` opens the caches and datasets, checks that they align,
+builds the student, optimiser and loader, then runs epochs of `Trainer.train_epoch` and evaluation into a run
+directory. Where soft targets come from is one hook, `targets`: by default the caches' stored answers; experiments
+and benchmarks pass another source (e.g. a teacher run online on the same inputs) and use this same loop.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from contextlib import ExitStack, nullcontext
+from dataclasses import asdict, dataclass, replace
+
+import numpy as np
+import torch
+from torch import Tensor
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from kdcache.config import TrainConfig
+from kdcache.data.datasets import open_dataset
+from kdcache.data.render import ModelInput, model_input
+from kdcache.data.sources import SourceDataset
+from kdcache.data.views import AugmentSpec
+from kdcache.device import amp_dtype, autocast, pick_device, to_model_layout
+from kdcache.dist import Dist, init_from_env, shutdown
+from kdcache.errors import KDCacheError
+from kdcache.io.reader import Cache, open_cache
+from kdcache.models import HeadsView, build_model, param_count
+from kdcache.progress import progress
+from kdcache.train.align import check_alignment
+from kdcache.train.batches import Batch, PairedLoader
+from kdcache.train.eval import evaluate
+from kdcache.train.losses import SoftTarget
+from kdcache.train.objective import Objective, mixup_loss
+from kdcache.train.run_dir import RunDir
+
+
+class Targets:
+    """Where a step's soft targets come from: `n_teachers` of them per batch. This default takes the caches' stored
+    answers for the batch; subclass (or duck-type) it to compute targets another way from the model input `x`."""
+
+    def __init__(self, n_teachers: int) -> None:
+        self.n_teachers = n_teachers
+
+    def __call__(self, batch: Batch, x: Tensor) -> list[SoftTarget]:
+        return batch.targets
+
+
+def build_optimizer(cfg: TrainConfig, model: torch.nn.Module,
+                    steps: int) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
+    """AdamW (or SGD with Nesterov momentum) with linear warmup, then cosine decay to 0 over `steps`."""
+    if cfg.optimizer == "adamw":
+        opt: torch.optim.Optimizer = torch.optim.AdamW(
+            model.parameters(), lr=cfg.lr or 1e-3, weight_decay=0.05 if cfg.weight_decay is None else cfg.weight_decay)
+    else:
+        opt = torch.optim.SGD(model.parameters(), lr=cfg.lr or 0.1, momentum=0.9, nesterov=True,
+                              weight_decay=5e-4 if cfg.weight_decay is None else cfg.weight_decay)
+    warmup = max(1, int(cfg.warmup_epochs * steps / max(cfg.epochs, 1)))
+
+    def lr_at(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, steps - warmup))))
+
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
+
+
+@dataclass
+class Trainer:
+    """One optimisation step and one epoch of them, built once per run."""
+
+    net: torch.nn.Module            # HeadsView(student), DDP-wrapped under torchrun
+    objective: Objective
+    opt: torch.optim.Optimizer
+    sched: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler
+    input: ModelInput
+    device: torch.device
+    clip: float
+    gen: torch.Generator
+    targets: Callable[[Batch, Tensor], list[SoftTarget]]
+    mixup: float = 0.0
+    rng: np.random.Generator | None = None
+
+    def step(self, batch: Batch) -> Tensor:
+        """Render the batch, compute the loss against its soft targets, and take one optimiser step."""
+        x = to_model_layout(self.input(batch.samples, batch.views))
+        targets = self.targets(batch, x)
+        if self.mixup > 0:
+            lam = float(self.rng.beta(self.mixup, self.mixup))
+            perm = torch.randperm(len(x), generator=self.gen, device=self.gen.device).to(x.device)
+            x = lam * x + (1 - lam) * x[perm]
+        with autocast(self.device):
+            heads = self.net(x).float()
+        if self.mixup > 0:
+            loss = mixup_loss(self.objective, heads, batch.labels, targets, perm, lam, self.gen)
+        else:
+            loss = self.objective(heads, batch.labels, targets, self.gen)
+        self.opt.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        if self.clip > 0:
+            self.scaler.unscale_(self.opt)
+            torch.nn.utils.clip_grad_norm_(self.net.parameters(), self.clip)
+        self.scaler.step(self.opt)
+        self.scaler.update()
+        self.sched.step()
+        return loss.detach()
+
+    def train_epoch(self, loader: PairedLoader, epoch: int, label: str, show: bool, d: Dist) -> tuple[float, int]:
+        """One pass over this rank's batches; returns (sum of loss × batch size, samples) over all ranks."""
+        self.net.train()
+        loss_sum = torch.zeros((), device=self.device)
+        seen = 0
+        join = self.net.join() if isinstance(self.net, DDP) else nullcontext()
+        with progress(len(loader.ds) // d.world_size, label, enable=show) as bar, join:
+            for batch in loader.epoch(epoch):
+                n = len(batch.labels)
+                loss_sum += self.step(batch) * n  # stays on the device: no sync per step
+                seen += n
+                bar.update(n)
+        total, count = d.all_sum([float(loss_sum), float(seen)])
+        if not math.isfinite(total):
+            raise KDCacheError(f"the training loss became {total} in epoch {epoch + 1}: lower --lr, or check the "
+                               "data and caches for NaN/Inf ('kdcache verify')")
+        return total, int(count)
+
+
+def _open_caches(cfg: TrainConfig, stack: ExitStack) -> list[Cache]:
+    caches = [stack.enter_context(open_cache(p, require_complete=False)) for p in cfg.caches]
+    for c in caches:
+        if c.complete and c.decoded_bytes() <= cfg.cache_ram:  # a partial one is refused by check_alignment
+            c.load()
+    return caches
+
+
+def _dataset_spec(cfg: TrainConfig, caches: list[Cache]) -> tuple[str, int | None]:
+    """The dataset and image size to train on: as given, else as the first cache recorded them."""
+    if not caches:
+        return cfg.dataset or "digits", cfg.image_size
+    a = caches[0].attrs
+    spec = cfg.dataset or a["dataset"]["spec"]
+    if cfg.dataset is None and (":" in spec and not spec.startswith("imagefolder:")):
+        raise KDCacheError(f"the cache was dumped from the dataset factory {spec!r}: kdtrain does not import code "
+                           f"named by a cache; pass --dataset {spec} yourself if you trust it")
+    return spec, cfg.image_size or a["teacher"]["preprocess"].get("image_size")
+
+
+def _student_kwargs(cfg: TrainConfig, n_teachers: int) -> dict:
+    """The builder options exactly as used (recorded in checkpoints, so `kdcache dump` rebuilds the same net)."""
+    kwargs = dict(cfg.student_args)
+    if cfg.distill_tokens:
+        if n_teachers == 0:
+            raise KDCacheError("--distill-tokens needs at least one --cache (one token per teacher)")
+        kwargs["distill_tokens"] = n_teachers
+    if cfg.head_mode != "cls":
+        kwargs["head_mode"] = cfg.head_mode
+    return kwargs
+
+
+def _augment(cfg: TrainConfig, ds: SourceDataset, caches: list[Cache]) -> AugmentSpec | None:
+    """Views to draw without a cache; refused where they cannot apply (caches bring their own, tensors have none)."""
+    if not ds.info.is_image:
+        for flag, on in (("--augment", cfg.augment != "none"),
+                         ("--mixup", cfg.mixup > 0 and ds.info.dtype.startswith(("int", "uint", "bool")))):
+            if on:
+                raise KDCacheError(f"{flag} does not apply: the dataset yields {ds.info.describe()}, which reach the "
+                                   f"student exactly as given; drop {flag}")
+    if cfg.augment == "none":
+        return None
+    if caches:
+        raise KDCacheError("--augment applies only without a cache (a cache's soft targets belong to the views "
+                           "it stored): dump the teacher with --views V --augment SPEC and train from that")
+    return AugmentSpec.parse(cfg.augment)
+
+
+def run_train(cfg: TrainConfig, targets: Targets | None = None) -> dict:
+    """Train as `cfg` says (one process, or DDP under torchrun); returns the final metrics (OUT/metrics.json).
+
+    `targets` replaces the caches as the source of soft targets (then `cfg.caches` must be empty).
+    """
+    if targets is not None and cfg.caches:
+        raise ValueError("pass either caches in the config or a targets hook, not both")
+    torch.manual_seed(cfg.seed)
+    requested = pick_device(cfg.device)
+    d = init_from_env(requested.type == "cuda")
+    try:
+        return _run(cfg, d, d.device(requested), targets)
+    finally:
+        shutdown(d)
+
+
+def _run(cfg: TrainConfig, d: Dist, device: torch.device, targets: Targets | None) -> dict:
+    run = RunDir(cfg.run_dir, resume=cfg.resume, overwrite=cfg.overwrite, writer=d.main)
+    d.barrier()
+    with ExitStack() as stack:
+        caches = _open_caches(cfg, stack)
+        targets = targets or Targets(len(caches))
+        spec, image_size = _dataset_spec(cfg, caches)
+        train_ds = open_dataset(spec, "train", cfg.data_root)
+        test_ds = open_dataset(spec, "test", cfg.data_root)
+        check_alignment(caches, train_ds)
+        test_cache = stack.enter_context(open_cache(cfg.test_cache)) if cfg.test_cache else None
+        if test_cache is not None:
+            check_alignment([test_cache], test_ds)
+        pre = model_input(train_ds.info, image_size)
+        objective = Objective(cfg.loss.resolve(targets.n_teachers))
+        student_args = _student_kwargs(cfg, targets.n_teachers)
+        model = build_model(cfg.student, num_classes=train_ds.info.num_classes, input_shape=pre.input_shape,
+                            **student_args).to(device)
+        if device.type == "cuda" and len(pre.input_shape) == 3:
+            model = model.to(memory_format=torch.channels_last)
+        loader = PairedLoader(train_ds, caches, cfg.batch_size, cfg.seed, cfg.num_workers, device,
+                              augment=_augment(cfg, train_ds, caches), rank=d.rank, world_size=d.world_size)
+        opt, sched = build_optimizer(cfg, model, cfg.epochs * len(loader))
+        scaler = torch.amp.GradScaler(enabled=amp_dtype(device) == torch.float16)
+        meta = {"student": cfg.student, "student_args": student_args,
+                "num_classes": train_ds.info.num_classes, "image_size": getattr(pre, "image_size", None),
+                "input": train_ds.info.input_json(), "params": param_count(model), "dataset": spec,
+                "world_size": d.world_size, "caches": [c.path for c in caches],
+                "teachers": [{"cache": c.path, **c.attrs["teacher"]} for c in caches]}
+        start, best = run.restore(model, opt, sched, scaler, meta)
+        net: torch.nn.Module = HeadsView(model)
+        if d.active:
+            net = DDP(net, device_ids=[device.index] if device.type == "cuda" else None)
+        trainer = Trainer(net, objective, opt, sched, scaler, pre, device, cfg.clip,
+                          torch.Generator(device=device).manual_seed(cfg.seed + d.rank), targets, cfg.mixup,
+                          np.random.default_rng([cfg.seed, d.rank]))
+        t0 = time.perf_counter()
+        for epoch in range(start, cfg.epochs):
+            t_epoch = time.perf_counter()
+            loss_sum, seen = trainer.train_epoch(loader, epoch, f"epoch {epoch + 1}/{cfg.epochs}",
+                                                 cfg.progress and d.main, d)
+            train_time = time.perf_counter() - t_epoch
+            ev = evaluate(model, test_ds, pre, device, test_cache)
+            row = {"epoch": epoch + 1, "train_loss": loss_sum / max(seen, 1), "test_top1": ev["top1"],
+                   "test_ece": ev["ece"], "test_nll": ev["nll"], "agreement": ev.get("agreement"),
+                   "lr": sched.get_last_lr()[0], "train_seconds": train_time,
+                   "samples_per_s": seen / max(train_time, 1e-9)}
+            best = run.end_epoch(row, ev, model, opt, sched, scaler, meta, best, cfg.plots)
+        config = asdict(replace(cfg, loss=objective.cfg))
+        return run.finish(meta, config, wall_seconds=time.perf_counter() - t0)
