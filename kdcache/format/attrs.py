@@ -25,12 +25,13 @@ def cache_attrs(layout: Layout, *, teacher: dict, dataset: dict, views: dict, du
 
     `compressor` and, at the end, `stats` and `status: complete` are set by the output that writes the cache.
     """
-    return {
-        "format": FORMAT_NAME, "version": version_for(rows), "status": STATUS_PARTIAL, **layout.to_attrs(),
+    attrs = {
+        "format": FORMAT_NAME, "version": None, "status": STATUS_PARTIAL, **layout.to_attrs(),
         "tail": TAIL_DEFINITION if layout.k else None,
         "teacher": teacher, "dataset": dataset, "rows": rows, "views": views, "dump": dump, **extra,
         "created": now(), "tool": f"kdcache {__version__}", "command": command,
     }
+    return attrs | {"version": version_for(attrs)}
 
 
 def _identity(attrs: dict, parts: Iterable[str]) -> dict[str, object]:

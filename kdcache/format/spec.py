@@ -15,9 +15,10 @@ from kdcache.data.views import VIEW_FIELDS
 from kdcache.errors import KDCacheError
 
 FORMAT_NAME = "kdcache"
-FORMAT_VERSION = "1.1"        # whole caches: readable by every 1.x reader
+FORMAT_VERSION = "1.1"        # whole caches of images: readable by every 1.x reader
 RANGE_FORMAT_VERSION = "2.0"  # range caches: row i is dataset sample rows.start + i, which 1.x readers would miss
-READER_MAJOR = 2              # the newest major version this reader reads
+TENSOR_FORMAT_VERSION = "3.0"  # samples that are not images: 2.x readers would look for an image size
+READER_MAJOR = 3              # the newest major version this reader reads
 ATTR_KEY = "kdcache"
 PER_VIEW = ("values", "indices", "tail", "views")  # arrays with a view axis, in checksum order
 ROW_ARRAYS = (*PER_VIEW, "labels")                  # arrays with one row per sample
@@ -139,9 +140,13 @@ class Layout:
                    chunk_rows=int(a["chunk_rows"]))
 
 
-def version_for(rows: dict | None) -> str:
-    """The format version a cache with these `rows` is written as (see RANGE_FORMAT_VERSION)."""
-    return FORMAT_VERSION if rows is None else RANGE_FORMAT_VERSION
+def version_for(attrs: dict) -> str:
+    """The lowest format version that describes this cache, so that every older reader that could read it does,
+    and every one that could not refuses it."""
+    inputs = attrs.get("dataset", {}).get("input") or {}
+    if inputs.get("kind", "image") != "image":
+        return TENSOR_FORMAT_VERSION
+    return FORMAT_VERSION if attrs.get("rows") is None else RANGE_FORMAT_VERSION
 
 
 def row_range(attrs: dict) -> tuple[int, int]:

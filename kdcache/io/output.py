@@ -172,7 +172,7 @@ class Output:
         attrs = store.attrs
         attrs["stats"] = cache_stats(store, layout) if carry is None else carry.get("stats")
         attrs["status"] = STATUS_COMPLETE
-        attrs["version"] = version_for(attrs.get("rows"))  # a range dump begun as 1.1 and resumed ends as 2.0
+        attrs["version"] = version_for(attrs)  # a range dump begun as 1.1 and resumed ends as 2.0
         attrs["compressor"] = self.compressor
         attrs |= {k: v for k, v in (carry or {}).items() if k == "version"}
         if self.backend == "zarr":

@@ -1,0 +1,1 @@
+"""Stage 2: losses, the training recipe, evaluation and the run directory."""

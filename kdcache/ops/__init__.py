@@ -1,0 +1,1 @@
+"""The commands: dump, merge, join, convert and pack, verify, info — each a function the CLI calls."""

@@ -1,0 +1,38 @@
+"""The README's examples run as written (with tiny epoch counts where the README leaves them to the user)."""
+
+from __future__ import annotations
+
+import re
+import shlex
+from pathlib import Path
+
+from clitools import kd, kt, ok
+
+README = Path(__file__).resolve().parent.parent / "README.md"
+
+
+def _section(title: str) -> str:
+    text = README.read_text()
+    start = text.index(f"## {title}")
+    end = text.find("\n## ", start + 1)
+    return text[start:end if end > 0 else len(text)]
+
+
+def _blocks(section: str, lang: str) -> list[str]:
+    return re.findall(rf"```{lang}\n(.*?)```", section, re.S)
+
+
+def test_bring_your_own_data_example_runs(tmp_path, monkeypatch):
+    section = _section("Bring your own data and models")
+    (python,) = _blocks(section, "python")
+    (tmp_path / "mysignals.py").write_text(python)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    (bash,) = _blocks(section, "bash")
+    commands = [shlex.split(line.split("#")[0]) for line in bash.strip().splitlines()]
+    assert [c[0] for c in commands] == ["kdtrain", "kdcache", "kdtrain"]
+    fast = ["--device", "cpu", "--quiet"]
+    ok(kt(*[a if a != "20" else "2" for a in commands[0][1:]], *fast, "--no-plots"))
+    ok(kd(*commands[1][1:], *fast))
+    ok(kt(*commands[2][1:], "--epochs", "2", *fast, "--no-plots"))
+    assert (tmp_path / "sig.zarr" / "zarr.json").exists() and (tmp_path / "runs" / "mlp" / "metrics.json").exists()
