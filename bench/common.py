@@ -23,7 +23,7 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results"
-THREADS = 2
+THREADS = int(os.environ.get("KDBENCH_THREADS", "2"))  # torch threads of the measuring process (smoke runs: 1)
 if str(REPO) not in sys.path:  # so `bench.*` imports work when a script is run by path
     sys.path.insert(0, str(REPO))
 
@@ -37,9 +37,11 @@ def workdir(name: str) -> Path:
 
 
 def setup_torch(threads: int = THREADS) -> None:
+    """Fix torch's thread count (the results record it); subprocesses get it through OMP_NUM_THREADS."""
     import torch
 
     torch.set_num_threads(threads)
+    os.environ["OMP_NUM_THREADS"] = str(threads)
 
 
 # --------------------------------------------------------------------------- machine / versions
@@ -90,17 +92,63 @@ class Timer:
         self.s = time.perf_counter() - self.t0
 
 
+class DumpPhases:
+    """`with DumpPhases(opened=f, finalizing=g) as ph: run_dump(cfg)` then ph.loop_s, ph.finalize_s.
+
+    Marks the phases of a dump through the public output lifecycle it drives (kdcache.io.output.Output):
+    `opened` when Output.open returns (the staging store is ready: the inference loop starts next),
+    `finalizing` when Output.finalize is called (loop and writer flush done), `finalized` when it returns.
+    Output.open/finalize are wrapped for the life of the block (no kdcache file changes); the optional
+    callbacks run at those marks (e.g. to read RSS).
+    """
+
+    def __init__(self, **hooks: object) -> None:
+        self.hooks, self.marks = hooks, {}
+
+    def _mark(self, name: str) -> None:
+        self.marks[name] = time.perf_counter()
+        if callable(hook := self.hooks.get(name)):
+            hook()
+
+    def __enter__(self) -> DumpPhases:
+        from kdcache.io.output import Output
+
+        self._orig = (Output.open, Output.finalize)
+        orig_open, orig_finalize = self._orig
+
+        def open_(output, *a, **kw):
+            store = orig_open(output, *a, **kw)
+            self._mark("opened")
+            return store
+
+        def finalize(output, *a, **kw):
+            self._mark("finalizing")
+            try:
+                return orig_finalize(output, *a, **kw)
+            finally:
+                self._mark("finalized")
+
+        Output.open, Output.finalize = open_, finalize
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        from kdcache.io.output import Output
+
+        Output.open, Output.finalize = self._orig
+
+    @property
+    def loop_s(self) -> float:
+        """The dump's inference loop with its writer thread, flushed: from the store's opening to finalize."""
+        return self.marks["finalizing"] - self.marks["opened"]
+
+    @property
+    def finalize_s(self) -> float:
+        return self.marks["finalized"] - self.marks["finalizing"]
+
+
 def loadavg() -> float:
     """1-minute load average: other jobs share this machine's 2 cores, so every result records it."""
     return round(os.getloadavg()[0], 2)
-
-
-def wait_quiet(threshold: float = 1.0, timeout_s: float = 0.0) -> float:
-    """Wait (at most timeout_s) for the 1-minute load average to fall below `threshold`; returns it."""
-    t0 = time.time()
-    while (la := loadavg()) >= threshold and time.time() - t0 < timeout_s:
-        time.sleep(5)
-    return la
 
 
 def _cpu_busy_s() -> tuple[float, float]:
@@ -136,7 +184,9 @@ QUIET = 0.10  # a measurement counts as clean when other processes used at most 
 
 def quiet_gate(max_other: float = QUIET, window_s: float = 1.0, timeout_s: float = 90.0) -> float:
     """Wait until other processes use at most `max_other` of the machine over a `window_s` window (at
-    most `timeout_s`); returns the last share seen. Timings are taken in such quiet windows when they come."""
+    most `timeout_s`, capped by $KDBENCH_GATE_S: 0 for smoke runs); returns the last share seen. Timings are
+    taken in such quiet windows when they come."""
+    timeout_s = min(timeout_s, float(os.environ.get("KDBENCH_GATE_S", timeout_s)))
     t0 = time.perf_counter()
     while True:
         with Contention() as c:
@@ -145,11 +195,11 @@ def quiet_gate(max_other: float = QUIET, window_s: float = 1.0, timeout_s: float
             return c.other
 
 
-def clean(values: Sequence[float], others: Sequence[float], max_other: float = QUIET) -> tuple[list[float], bool]:
-    """The values measured while other processes used <= max_other of the machine, if there are at least
-    two; else all of them and False (the result is then flagged as contended)."""
-    ok = [v for v, o in zip(values, others) if o <= max_other]
-    return (ok, True) if len(ok) >= 2 else (list(values), False)
+def quiet_indices(others: Sequence[float], min_keep: int = 2, max_other: float = QUIET) -> tuple[list[int], bool]:
+    """The measurements (indices) taken while other processes used <= max_other of the machine, if there are
+    at least `min_keep`; else all of them and False (the result is then flagged as contended)."""
+    ok = [i for i, o in enumerate(others) if o <= max_other]
+    return (ok, True) if len(ok) >= min_keep else (list(range(len(others))), False)
 
 
 def median(xs: Sequence[float]) -> float:
@@ -298,10 +348,6 @@ def venv_bin(name: str) -> str:
     """A console script of the running interpreter's venv (kdcache, kdtrain)."""
     cand = Path(sys.executable).parent / name
     return str(cand) if cand.exists() else name
-
-
-def mib(b: float) -> float:
-    return b / 2**20
 
 
 def proc_status_bytes(key: str) -> int:

@@ -1,14 +1,16 @@
 """`kdcache dump` throughput vs bare teacher inference, and cache bytes per sample.
 
-Part 1 -- throughput. Teachers cnn_s and cifar_resnet10 at width 16 (bench.synthdata:cifar_resnet10_w16),
-random weights, at 32 px, full fp16 logits into Zarr (blosc-zstd), batch 256, on
+Part 1 -- throughput. Teachers cnn_s and cifar_resnet10 at width 16 (bench.synthdata.TEACHERS), random
+weights, at 32 px, full fp16 logits into Zarr (blosc-zstd), batch 256, on
   digits        the embedded digits train split (1,437 images)
   digits x16k   bench.synthdata:digits_tiled, the same images repeated to 16,384 samples (a longer run,
                 so fixed costs are amortised)
   dump   kdcache.ops.dump.run_dump(DumpConfig(..., progress=False)), whole call (teacher load + weights
-         sha256 + dataset fingerprint + inference + writer + finalize); its `_run_chunks` (inference loop +
-         writer thread + flush) and `finalize` phases are timed by wrapping them (no kdcache file changed)
-  bare   the same DataLoader over the same chunk-aligned batches (dump.ChunkBatches), render + teacher
+         sha256 + dataset fingerprint + inference + writer + finalize); its `loop` (inference + writer
+         thread + flush: from Output.open returning to Output.finalize) and `finalize` phases are marked
+         through the public output lifecycle (bench/common.py DumpPhases; no kdcache file changed)
+  bare   the same DataLoader over the same chunk-aligned batches (ops.dump.ChunkBatches), the teacher built
+         and loaded as the dump does (models.build_model + load_weights), model input (data.render) +
          forward under inference_mode, nothing kept or written
 Runs alternate (bare, dump, bare, dump, ...), each pair started in a quiet window (bench/common.py
 quiet_gate: other processes using <= 10% of the machine, waiting at most 90 s); pairs during which other
@@ -36,88 +38,58 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import numpy as np
-import torch
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
 
-from bench import common, synthcache
+from bench import common, synthcache  # noqa: E402
+from bench.synthdata import TEACHERS, random_teacher  # noqa: E402
 
-TEACHERS = {"cnn_s": "cnn_s", "cifar_resnet10_w16": "bench.synthdata:cifar_resnet10_w16"}
 ZARR = ("blosc-zstd", "blosc-lz4", "zstd", "gzip", "none")
 HDF5 = ("gzip", "lzf", "none")
 BATCH = 256
 
 
 # --------------------------------------------------------------------------- part 1
-class PhaseTimer:
-    """Wrap dump._run_chunks and finalize.finalize to time the phases of run_dump."""
-
-    def __enter__(self) -> PhaseTimer:
-        import kdcache.cache.finalize as fin
-        from kdcache.ops import dump
-
-        self.times: dict[str, float] = {}
-        self._orig = (dump._run_chunks, fin.finalize)
-
-        def timed(name, fn):
-            def wrapper(*a, **kw):
-                t0 = time.perf_counter()
-                try:
-                    return fn(*a, **kw)
-                finally:
-                    self.times[name] = self.times.get(name, 0.0) + time.perf_counter() - t0
-            return wrapper
-
-        dump._run_chunks = timed("loop", self._orig[0])
-        fin.finalize = timed("finalize", self._orig[1])
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        import kdcache.cache.finalize as fin
-        from kdcache.ops import dump
-
-        dump._run_chunks, fin.finalize = self._orig
-
-
 def bare_inference(cfg) -> tuple[int, float, float]:
-    """render + teacher forward over the dump's own loader and batches; returns (samples, wall s, CPU s)."""
+    """Model input + teacher forward over the dump's own loader and batches; returns (samples, wall s, CPU s)."""
     from torch.utils.data import DataLoader
 
-    from kdcache.ops.dump import ChunkBatches, _load_teacher, default_image_size
-    from kdcache.format.spec import Layout, default_chunk_rows
     from kdcache.data.datasets import open_dataset
-    from kdcache.data.views import Preprocess, identity_views, render
+    from kdcache.data.render import model_input
+    from kdcache.data.views import identity_views
+    from kdcache.format.spec import Layout
+    from kdcache.models import build_model, checkpoint_arch_args, load_weights
+    from kdcache.ops.dump import ChunkBatches
 
     ds = open_dataset(cfg.dataset, cfg.split)
-    pre = Preprocess(cfg.image_size or default_image_size(max(ds.info.base_shape[1:])))
-    layout = Layout(n=len(ds), n_views=1, num_classes=ds.info.num_classes, k=cfg.topk, value_dtype=cfg.dtype,
-                    chunk_rows=min(default_chunk_rows(cfg.topk or ds.info.num_classes, 1, cfg.dtype), len(ds)))
-    teacher, _ = _load_teacher(cfg, ds.info.num_classes, pre.image_size, torch.device("cpu"))
-    batches = ChunkBatches(layout, list(range(layout.n_chunks)), cfg.batch_size)
-    loader = DataLoader(ds, batch_sampler=batches, num_workers=0)
+    pre = model_input(ds.info, cfg.image_size)
+    layout = Layout.for_dataset(len(ds), len(ds), 1, ds.info.num_classes, cfg.topk, cfg.dtype, cfg.chunk_rows)
+    teacher = build_model(cfg.teacher, num_classes=ds.info.num_classes, input_shape=pre.input_shape,
+                          **checkpoint_arch_args(cfg.weights) | cfg.teacher_args)
+    load_weights(teacher, cfg.weights, cfg.teacher)
+    teacher.eval()
+    loader = DataLoader(ds, batch_sampler=ChunkBatches(layout, list(range(layout.n_chunks)), cfg.batch_size),
+                        num_workers=0)
     n = 0
     t0, c0 = time.perf_counter(), time.process_time()
     with torch.inference_mode():
-        for images, labels, idx in loader:
+        for samples, labels, idx in loader:
             views = torch.from_numpy(identity_views(len(idx), 1))
-            x = render(images, views[:, 0], pre)
-            teacher(x).float()
+            teacher(pre(samples, views[:, 0])).float()
             n += len(idx)
     return n, time.perf_counter() - t0, time.process_time() - c0
 
 
 def throughput(wd: Path, reps: int, tiled_n: int) -> list[dict]:
     from kdcache.config import DumpConfig
-from kdcache.ops.dump import run_dump
-    from kdcache.models import build_model
+    from kdcache.ops.dump import run_dump
 
     os.environ["KDBENCH_N"] = str(tiled_n)
     rows = []
-    for short, name in TEACHERS.items():
-        torch.manual_seed(0)
-        w = wd / f"{short}_random.pt"
-        torch.save(build_model(name, num_classes=10, input_shape=(3, 32, 32)).state_dict(), w)
+    for short in TEACHERS:
+        name, w = random_teacher(short, 32, wd)
         for ds_label, spec in (("digits", "digits"), (f"digits x{tiled_n}", "bench.synthdata:digits_tiled")):
-            cfg = DumpConfig(teacher=name, weights=str(w), dataset=spec, out=str(wd / f"tp_{short}.zarr"),
+            cfg = DumpConfig(teacher=name, weights=w, dataset=spec, out=str(wd / f"tp_{short}.zarr"),
                              overwrite=True, progress=False, batch_size=BATCH)
             bare_inference(cfg)  # warm-up (allocator, thread pool)
             bare, dump, loop, fin, bare_cpu, dump_cpu, others = [], [], [], [], [], [], []
@@ -127,19 +99,17 @@ from kdcache.ops.dump import run_dump
                     n, dt, cpu = bare_inference(cfg)
                 bare.append(n / dt)
                 bare_cpu.append(cpu)
-                with PhaseTimer() as ph, common.Contention() as c2:
+                with common.DumpPhases() as ph, common.Contention() as c2:
                     t0, c0 = time.perf_counter(), time.process_time()
                     run_dump(cfg)
                     wall, cpu = time.perf_counter() - t0, time.process_time() - c0
                 dump.append(n / wall)
                 dump_cpu.append(cpu)
-                loop.append(n / ph.times["loop"])
-                fin.append(ph.times["finalize"])
+                loop.append(n / ph.loop_s)
+                fin.append(ph.finalize_s)
                 others.append(max(c1.other, c2.other))
             # keep the (bare, dump) pairs measured while other jobs left the machine (nearly) alone
-            keep = [i for i, o in enumerate(others) if o <= common.QUIET]
-            clean = len(keep) >= 2
-            keep = keep if clean else list(range(reps))
+            keep, clean = common.quiet_indices(others)
             bare, dump, loop, fin, bare_cpu, dump_cpu = ([xs[i] for i in keep]
                                                         for xs in (bare, dump, loop, fin, bare_cpu, dump_cpu))
             b, d, lp = common.median(bare), common.median(dump), common.median(loop)
@@ -185,9 +155,9 @@ def train_teacher(wd: Path, epochs: int) -> tuple[str, dict]:
 
 
 def bytes_real(wd: Path, ckpt: str) -> tuple[list[dict], dict]:
-    from kdcache.io import open_cache
     from kdcache.config import DumpConfig
-from kdcache.ops.dump import run_dump
+    from kdcache.io import open_cache
+    from kdcache.ops.dump import run_dump
 
     d = wd / "bytes"
     if d.exists():

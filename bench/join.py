@@ -2,7 +2,7 @@
 
 Teacher cnn_s (random weights) at 16 px on bench.synthdata:synthetic (KDBENCH_N samples, default 262,144),
 full fp16 logits (10 classes; 16,384-row chunks), Zarr blosc-zstd, all in this process through
-`kdcache.ops.dump.run_dump` and `kdcache.cache.join.join`:
+`kdcache.ops.dump.run_dump` and `kdcache.ops.join.join`:
 
   whole   one dump of all N samples
   ranges  P dumps of --rows cut at chunk multiples (P = --parts, default 4), as P machines would
@@ -16,6 +16,7 @@ the joined cache is byte-identical to the whole dump's.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import shutil
 import sys
@@ -24,10 +25,19 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np  # noqa: E402
-import torch  # noqa: E402
 import zarr  # noqa: E402
 
-from bench.common import Contention, Timer, disk_bytes, quiet_gate, setup_torch, table, workdir, write_results  # noqa: E402
+from bench.common import (  # noqa: E402
+    Contention,
+    Timer,
+    disk_bytes,
+    quiet_gate,
+    setup_torch,
+    table,
+    workdir,
+    write_results,
+)
+from bench.synthdata import random_teacher  # noqa: E402
 
 ARRAYS = ("values", "labels", "views", "done", "checksum")
 
@@ -36,21 +46,20 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--n", type=int, default=262_144, help="samples (KDBENCH_N)")
     ap.add_argument("--parts", type=int, default=4, help="range caches to join")
+    ap.add_argument("--chunk-rows", type=int, default=None, help="rows per chunk (default: the dump's, 16,384 here)")
     args = ap.parse_args()
     os.environ["KDBENCH_N"] = str(args.n)
     setup_torch()
     from kdcache.config import DumpConfig
-from kdcache.ops.dump import run_dump
+    from kdcache.format.spec import Layout
+    from kdcache.ops.dump import run_dump
     from kdcache.ops.join import join
-    from kdcache.models import build_model
 
     work = workdir("join")
-    torch.manual_seed(0)
-    weights = str(work / "cnn_s16.pt")
-    torch.save({"model": build_model("cnn_s", num_classes=10, input_shape=(3, 16, 16)).state_dict()}, weights)
-    base = DumpConfig(teacher="cnn_s", weights=weights, dataset="bench.synthdata:synthetic", image_size=16,
-                      progress=False, overwrite=True)
-    chunk = 16_384
+    name, weights = random_teacher("cnn_s", 16, work)
+    base = DumpConfig(teacher=name, weights=weights, dataset="bench.synthdata:synthetic", image_size=16,
+                      progress=False, overwrite=True, chunk_rows=args.chunk_rows)
+    chunk = Layout.for_dataset(args.n, args.n, 1, 10, None, base.dtype, base.chunk_rows).chunk_rows  # as the dump
     step = -(-args.n // args.parts // chunk) * chunk  # cut at chunk multiples: the byte-identical case
     cuts = [(s, min(s + step, args.n)) for s in range(0, args.n, step)]
 
@@ -64,13 +73,12 @@ from kdcache.ops.dump import run_dump
         return t.s
 
     whole = str(work / "whole.zarr")
-    t_whole = measure("dump, whole", lambda: run_dump(DumpConfig(**{**base.__dict__, "out": whole})), args.n)
+    t_whole = measure("dump, whole", lambda: run_dump(dataclasses.replace(base, out=whole)), args.n)
     parts = []
     for i, (a, b) in enumerate(cuts):
         out = str(work / f"part{i}.zarr")
         parts.append(out)
-        measure(f"dump --rows {a}:{b}", lambda: run_dump(DumpConfig(**{**base.__dict__, "out": out,
-                                                                    "rows": f"{a}:{b}"})), b - a)
+        measure(f"dump --rows {a}:{b}", lambda: run_dump(dataclasses.replace(base, out=out, rows=f"{a}:{b}")), b - a)
     joined = str(work / "joined.zarr")
     shutil.rmtree(joined, ignore_errors=True)
     t_join = measure(f"join of {len(parts)}", lambda: join(parts[::-1], joined), args.n)

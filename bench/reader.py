@@ -1,18 +1,22 @@
-"""Cache read throughput: random batches of 128 from caches larger than the reader's 64 MiB LRU.
+"""Cache read throughput: random batches of 128 from caches larger than the reader's LRU.
 
-Caches (synthetic class-prototype logits written through kdcache's writer, see bench/common.py):
-  topk   top-10 of 1000 classes, fp16, N = 2,000,000 (decodes to 128 MB: 2x the LRU)
+Caches (synthetic class-prototype logits written through kdcache's output path, see bench/synthcache.py):
+  topk   top-10 of 1000 classes, fp16, N = 2,000,000 (decodes to 128 MB)
   full   full 100-class logits, fp16, N = 500,000 (decodes to 110 MB)
-each as Zarr (blosc-zstd, kdcache's default) and HDF5 (gzip, converted by kdcache's own converter).
+each as Zarr (blosc-zstd, kdcache's default) and HDF5 (gzip, made by `kdcache convert`).
 
-Readers (all return values [+ indices, tail] and views, as kdcache's reader does):
+Every reader gets the same LRU budget, --lru-mb (default: kdcache's DEFAULT_LRU_BYTES, 16 MiB; the
+published figures were measured with --lru-mb 64). All return values [+ indices, tail] and views:
   naive          plain zarr `arr.oindex[sorted unique idx]` / plain h5py `ds[sorted unique idx]` (default
                  1 MiB chunk cache), then unsort; uniformly random indices
-  naive-h5-64M   plain h5py with a 64 MiB chunk cache (the same memory as kdcache's LRU)
-  kdc-random     kdcache open_cache(lru_bytes=64 MiB).read() of uniformly random indices (LRU only)
-  kdc-chunked    kdcache's streaming path: ChunkAwareSampler batches + Cache.prefetch of the current and
-                 next window of chunks (as kdcache/train/data.py PairedLoader does) + Cache.read
+  naive-h5-lru   plain h5py with a chunk cache of --lru-mb
+  kdc-random     kdcache open_cache(lru_bytes).read() of uniformly random indices (LRU only)
+  kdc-chunked    the reader under the chunk-aware sampler: ChunkAwareSampler batches (window 4) and
+                 Cache.read, with Cache.prefetch of the next window and Cache.release of the windows left
+                 behind (the schedule kdtrain's loader follows), no image loading
   kdc-chunked-cold  the same after evicting the cache files from the OS page cache (posix_fadvise)
+  kdc-loader     kdtrain's own loader, kdcache.train.batches.PairedLoader, over a dataset of 1-byte tensor
+                 samples: the reader plus DataLoader batching and SoftTarget conversion
   in-memory      Cache.load() (time reported separately) then Cache.read of random indices
 
 Target: kdc-chunked >= 100k samples/s for top-10/1000 (streaming from disk).
@@ -32,7 +36,6 @@ import numpy as np
 from bench import common, synthcache
 
 BATCH = 128
-LRU = 64 << 20
 ARRAYS = ("values", "indices", "tail", "views")
 
 
@@ -83,10 +86,10 @@ def naive_h5(path: str, n: int, seconds: float, rng: np.random.Generator, rdcc: 
         f.close()
 
 
-def kdc_random(path: str, seconds: float, rng: np.random.Generator) -> dict:
+def kdc_random(path: str, seconds: float, rng: np.random.Generator, lru: int) -> dict:
     from kdcache.io import open_cache
 
-    with open_cache(path, lru_bytes=LRU) as cache:
+    with open_cache(path, lru_bytes=lru) as cache:
         n = cache.n
 
         def step() -> int:
@@ -97,29 +100,31 @@ def kdc_random(path: str, seconds: float, rng: np.random.Generator) -> dict:
         return {"samples": s, "seconds": t, "chunks_decoded": cache.chunks_decoded}
 
 
-def kdc_chunked(path: str, seconds: float, seed: int = 0, cold: bool = False) -> dict:
-    """The streaming path of kdcache/train/data.py PairedLoader, without the image DataLoader."""
+def kdc_chunked(path: str, seconds: float, lru: int, seed: int = 0, cold: bool = False) -> dict:
+    """Cache.read of chunk-aware batches, prefetching the next window and releasing the ones left behind."""
     from kdcache.io import open_cache
     from kdcache.io.sampler import ChunkAwareSampler
 
     if cold:
         common.drop_page_cache(path)
     t_open = time.perf_counter()
-    with open_cache(path, lru_bytes=LRU) as cache:
+    with open_cache(path, lru_bytes=lru) as cache:
         open_s = time.perf_counter() - t_open
         r = cache.layout.chunk_rows
         sampler = ChunkAwareSampler(cache.n, r, BATCH, window=4, seed=seed)
         windows = sampler.windows()
-        ends = np.cumsum([sum(min((c + 1) * r, cache.n) - c * r for c in w) for w in windows])
-        seen = fetched = 0
+        window_of = {int(c): w for w, chunks in enumerate(windows) for c in chunks}
+        ahead, released, seen = -1, 0, 0
         t0 = time.perf_counter()
         for batch in sampler:
-            idx = np.asarray(batch, dtype=np.int64)
-            current = int(np.searchsorted(ends, seen, side="right"))
-            while fetched < min(current + 2, len(windows)):  # the current window and the next one
-                cache.prefetch(windows[fetched])
-                fetched += 1
-            seen += len(cache.read(idx).values)
+            w = window_of[batch[-1] // r]  # a batch's last sample is always from the window being read
+            while ahead < min(w + 1, len(windows) - 1):  # this window and the next one
+                ahead += 1
+                cache.prefetch(windows[ahead])
+            while released < w - 1:  # a window's leftovers may open the next one's first batch
+                cache.release(windows[released])
+                released += 1
+            seen += len(cache.read(batch).values)
             if time.perf_counter() - t0 >= seconds:
                 break
         dt = time.perf_counter() - t0
@@ -127,10 +132,31 @@ def kdc_chunked(path: str, seconds: float, seed: int = 0, cold: bool = False) ->
                 "epoch_fraction": seen / cache.n}
 
 
-def in_memory(path: str, seconds: float, rng: np.random.Generator) -> dict:
+def kdc_loader(path: str, seconds: float, lru: int) -> dict:
+    """kdtrain's loader (PairedLoader: sampler, prefetch/release, DataLoader, SoftTargets) over 1-byte samples."""
+    from kdcache.data.sources import TENSOR, ArrayDataset, DatasetInfo
+    from kdcache.io import open_cache
+    from kdcache.train.batches import PairedLoader
+
+    with open_cache(path, lru_bytes=lru) as cache:
+        info = DatasetInfo("bench:1-byte", "train", cache.num_classes, tuple(map(str, range(cache.num_classes))),
+                           (1,), kind=TENSOR)
+        ds = ArrayDataset(info, np.zeros((cache.n, 1), dtype=np.uint8), np.zeros(cache.n, dtype=np.int64), "N")
+        seen = 0
+        t0 = time.perf_counter()
+        for batch in PairedLoader(ds, [cache], BATCH).epoch(0):
+            seen += len(batch.labels)
+            if time.perf_counter() - t0 >= seconds:
+                break
+        dt = time.perf_counter() - t0
+        return {"samples": seen, "seconds": dt, "chunks_decoded": cache.chunks_decoded,
+                "epoch_fraction": seen / cache.n}
+
+
+def in_memory(path: str, seconds: float, rng: np.random.Generator, lru: int) -> dict:
     from kdcache.io import open_cache
 
-    with open_cache(path, lru_bytes=LRU) as cache:
+    with open_cache(path, lru_bytes=lru) as cache:
         t0 = time.perf_counter()
         cache.load()
         load_s = time.perf_counter() - t0
@@ -150,8 +176,13 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=4.0, help="time budget per naive/random measurement")
     ap.add_argument("--stream-seconds", type=float, default=8.0, help="time budget per chunk-aware measurement")
     ap.add_argument("--no-cold", action="store_true", help="skip the page-cache-evicted chunk-aware run")
+    ap.add_argument("--lru-mb", type=float, default=None,
+                    help="LRU of every reader, MiB (default: kdcache's DEFAULT_LRU_BYTES; the published run used 64)")
     args = ap.parse_args()
     common.setup_torch()
+    from kdcache.io.reader import DEFAULT_LRU_BYTES
+
+    lru = DEFAULT_LRU_BYTES if args.lru_mb is None else int(args.lru_mb * 2**20)
     wd = common.workdir("reader")
     rng = np.random.default_rng(0)
 
@@ -167,18 +198,18 @@ def main() -> None:
             print(f"[{name} {backend}] n={n:,}", flush=True)
             res = {}
             common.quiet_gate()
-            cont = common.Contention().__enter__()
-            if backend == "zarr":
-                res["naive"] = naive_zarr(path, n, args.seconds, rng)
-            else:
-                res["naive"] = naive_h5(path, n, args.seconds, rng)
-                res["naive-h5-64M"] = naive_h5(path, n, args.seconds, rng, rdcc=LRU)
-            res["kdc-random"] = kdc_random(path, args.seconds, rng)
-            res["kdc-chunked"] = kdc_chunked(path, args.stream_seconds)
-            if not args.no_cold:
-                res["kdc-chunked-cold"] = kdc_chunked(path, args.stream_seconds, seed=1, cold=True)
-            res["in-memory"] = in_memory(path, min(args.seconds, 2.0), rng)
-            cont.__exit__()
+            with common.Contention() as cont:
+                if backend == "zarr":
+                    res["naive"] = naive_zarr(path, n, args.seconds, rng)
+                else:
+                    res["naive"] = naive_h5(path, n, args.seconds, rng)
+                    res["naive-h5-lru"] = naive_h5(path, n, args.seconds, rng, rdcc=lru)
+                res["kdc-random"] = kdc_random(path, args.seconds, rng, lru)
+                res["kdc-chunked"] = kdc_chunked(path, args.stream_seconds, lru)
+                if not args.no_cold:
+                    res["kdc-chunked-cold"] = kdc_chunked(path, args.stream_seconds, lru, seed=1, cold=True)
+                res["kdc-loader"] = kdc_loader(path, args.stream_seconds, lru)
+                res["in-memory"] = in_memory(path, min(args.seconds, 2.0), rng, lru)
             base = res["naive"]["samples"] / res["naive"]["seconds"]
             chunked = res["kdc-chunked"]["samples"] / res["kdc-chunked"]["seconds"]
             for method, r in res.items():
@@ -198,7 +229,7 @@ def main() -> None:
                               "met": r["samples/s"] >= 100_000} for r in top}
     print("\ntarget (kdc-chunked, top-10/1000 >= 100k samples/s):",
           ", ".join(f"{b}: {v['samples_per_s']:,.0f} ({'met' if v['met'] else 'MISSED'})" for b, v in verdict.items()))
-    common.write_results("reader", {"batch": BATCH, "lru_bytes": LRU, "rows": rows, "caches": made,
+    common.write_results("reader", {"batch": BATCH, "lru_bytes": lru, "rows": rows, "caches": made,
                                     "target": verdict, "logits": synthcache.PrototypeTeacher(1000).describe()})
 
 

@@ -9,7 +9,8 @@ kdcache's writer with the dataset's identity (so kdtrain's alignment check passe
       --out RUN --overwrite
 
 (= kdtrain: one full epoch, streaming -- `--cache-ram 0` never loads the cache whole), 3 repetitions,
-interleaved; medians are compared. Also with the reader's LRU set to 64 MiB and 8 MiB (bench/_kdtrain.py).
+interleaved; medians are compared. Also with the reader's LRU set to 64 MiB and 8 MiB instead of kdcache's
+16 MiB default (bench/_kdtrain.py).
 Peak RSS is the child's VmHWM read as kdtrain_main returns (bench/_kdtrain.py); the kernel's ru_maxrss
 (os.wait4) is reported too, but it includes a ~130 MB spike that `import torch` alone causes at
 interpreter exit. RSS at the end of training (VmRSS as kdtrain_main returns) is reported, and a /proc
@@ -28,8 +29,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-
-from bench import common, synthcache
+from bench import common, synthcache  # noqa: E402
 
 TARGET_MB = 64
 SPEC = "bench.synthdata:synthetic"
@@ -41,7 +41,7 @@ def prepare(n: int, wd: Path) -> str:
 
     ds = synthetic("train")
     return synthcache.make_cache(wd / f"synth_n{n}.zarr", labels=ds.labels, num_classes=10,
-                             dataset=synthcache.dataset_attrs(ds), image_size=8)["path"]
+                                 dataset=synthcache.dataset_attrs(ds), image_size=8)["path"]
 
 
 def run(n: int, cache: str, wd: Path, batch: int, cache_ram: str, tag: str, lru_mb: float | None = None) -> dict:
@@ -79,8 +79,7 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=1024)
     ap.add_argument("--lru-mb", default="64,8",
                     help="comma-separated LRU sizes (MiB): also run the smallest and largest N with kdcache's reader "
-                         "LRU set to each (bench/_kdtrain.py; '' = skip). 64 was kdcache's default until "
-                         "2026-11-25 18:05 (now 16).")
+                         "LRU set to each (bench/_kdtrain.py; '' = skip); kdcache's default is 16 MiB")
     ap.add_argument("--in-memory", action="store_true",
                     help="also run with kdtrain's default --cache-ram 1GiB (cache loaded whole), for contrast")
     args = ap.parse_args()

@@ -21,9 +21,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import torch
-
-from bench import common
+from bench import common  # noqa: E402
+from bench.synthdata import random_teacher  # noqa: E402
 
 BASE = 8192
 
@@ -35,19 +34,15 @@ def main() -> None:
     ap.add_argument("--image-size", type=int, default=16)
     args = ap.parse_args()
     common.setup_torch()
-    from kdcache.models import build_model
-
     wd = common.workdir("scaling")
-    torch.manual_seed(0)
-    weights = wd / "cnn_s_random.pt"
-    torch.save(build_model("cnn_s", num_classes=10, input_shape=(3, args.image_size, args.image_size)).state_dict(), weights)
+    _, weights = random_teacher("cnn_s", args.image_size, wd)
     env0 = {"PYTHONPATH": str(common.REPO)}
     rows = []
     for s in (int(x) for x in args.scales.split(",")):
         n = args.base * s
         env = {**env0, "KDBENCH_N": str(n)}
         cache = wd / f"synth_s{s}.zarr"
-        cmd = [common.venv_bin("kdcache"), "dump", "--teacher", "cnn_s", "--weights", str(weights),
+        cmd = [common.venv_bin("kdcache"), "dump", "--teacher", "cnn_s", "--weights", weights,
                "--dataset", "bench.synthdata:synthetic", "--image-size", str(args.image_size),
                "--out", str(cache), "--overwrite", "--quiet"]
         load = common.loadavg()

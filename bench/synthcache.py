@@ -1,17 +1,17 @@
-"""Synthetic caches for the benchmarks, written through kdcache's own writer path, with realistic logits.
+"""Synthetic caches for the benchmarks, written through kdcache's own output path, with realistic logits.
 
-`make_cache` writes a complete cache (create_zarr -> ChunkWriter -> finalize) from `PrototypeTeacher`
-logits; `convert_to_hdf5` copies one with kdcache's own converter. Both reuse what an earlier run made.
+`make_cache` writes a complete cache from `PrototypeTeacher` logits the way `kdcache dump` writes one:
+format.attrs.cache_attrs -> io.output.Output (prepare -> open) -> io.writer.ChunkWriter -> Output.finalize ->
+Output.cleanup, the logits turned into stored arrays by format.topk.to_topk. `convert_to_hdf5` copies one with
+`kdcache convert` (ops.convert.convert). Both reuse what an earlier run made.
 """
 
 from __future__ import annotations
 
-import datetime
 import hashlib
 import json
 import math
 import os
-import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -62,137 +62,116 @@ class PrototypeTeacher:
 
 
 # --------------------------------------------------------------------------- synthetic caches
-def cache_attrs(layout, compressor: str, *, dataset: dict, image_size: int, teacher: str, command: str) -> dict:
-    """A full kdcache attribute dict, structured as kdcache/cache/dump.py `_build_attrs` builds it."""
-    from kdcache import __version__
-    from kdcache.format.spec import (
-        FORMAT_NAME,
-        FORMAT_VERSION,
-        STATUS_PARTIAL,
-        TAIL_DEFINITION,
-        VIEW_FIELDS,
-    )
-    from kdcache.data.views import AugmentSpec, Preprocess
+def _attrs(layout, *, dataset: dict, image_size: int, teacher: str) -> dict:
+    """The cache's attributes, built by kdcache's own builder with the sections a dump records."""
+    from kdcache.data.render import Preprocess
+    from kdcache.data.views import VIEW_FIELDS, AugmentSpec
+    from kdcache.format.attrs import cache_attrs
 
     pre, aug = Preprocess(image_size), AugmentSpec()
-    ident = {"source": "synthetic", "sha256": None, "params": 0}
-    return {
-        "format": FORMAT_NAME, "version": FORMAT_VERSION, "status": STATUS_PARTIAL, **layout.to_attrs(),
-        "tail": TAIL_DEFINITION if layout.k else None,
-        "compressor": compressor,
-        "teacher": {"name": teacher, "weights": ident, "params": 0, "preprocess": pre.to_json()},
-        "dataset": dataset,
-        "views": {"fields": list(VIEW_FIELDS), "augment": str(aug), "augment_spec": aug.to_json(), "seed": 0},
-        "dump": {"teacher": teacher, "weights_sha256": None, "dataset": dataset["spec"], "split": dataset["split"],
-                 "fingerprint": dataset["fingerprint"], "topk": layout.k, "dtype": layout.value_dtype,
-                 "image_size": image_size, "batch_size": layout.chunk_rows, "chunk_rows": layout.chunk_rows,
-                 "views": 1, "augment": str(aug), "seed": 0},
-        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "tool": f"kdcache {__version__} (bench/common.py synthetic)",
-        "command": command,
-    }
+    return cache_attrs(
+        layout,
+        teacher={"name": teacher, "weights": {"source": "synthetic", "sha256": None, "params": 0}, "params": 0,
+                 "arch_args": {}, "preprocess": pre.to_json()},
+        dataset=dataset,
+        views={"fields": list(VIEW_FIELDS), "augment": str(aug), "augment_spec": aug.to_json(), "seed": 0},
+        dump={"teacher": teacher, "weights_sha256": None, "dataset": dataset["spec"], "split": dataset["split"],
+              "fingerprint": dataset["fingerprint"], "topk": layout.k, "dtype": layout.value_dtype,
+              "image_size": image_size, "batch_size": layout.chunk_rows, "chunk_rows": layout.chunk_rows,
+              "views": 1, "augment": str(aug), "seed": 0, "rows": None},
+        command=command_line())
 
 
 def synthetic_dataset_attrs(labels: np.ndarray, num_classes: int, spec: str = "synthetic",
                             split: str = "train") -> dict:
     """Dataset identity for a cache that no dataset will be aligned against (reader benchmarks)."""
+    from kdcache.data.datasets import labels_sha256
+
     lab = np.ascontiguousarray(labels, dtype="<i8")
     h = hashlib.sha256(b"bench-synthetic\0" + np.int64(len(lab)).tobytes() + lab.tobytes()).hexdigest()
     return {"spec": spec, "split": split, "n": len(lab), "num_classes": num_classes,
-            "class_names": [str(i) for i in range(num_classes)], "base_shape": [1, 8, 8],
-            "fingerprint": "sha256:" + h, "labels_sha256": hashlib.sha256(lab.tobytes()).hexdigest(),
-            "labelled": int((lab >= 0).sum())}
+            "class_names": [str(i) for i in range(num_classes)],
+            "input": {"kind": "image", "shape": [1, 8, 8], "dtype": "uint8"}, "base_shape": [1, 8, 8],
+            "fingerprint": "sha256:" + h, "labels_sha256": labels_sha256(lab), "labelled": int((lab >= 0).sum())}
 
 
 def dataset_attrs(ds) -> dict:
-    """Dataset identity of a real SourceDataset, so kdtrain's alignment check passes."""
-    from kdcache.train.align import dataset_identity
+    """Dataset section for a real SourceDataset (kdcache.data.datasets.identity), so kdtrain's alignment passes."""
+    from kdcache.data.datasets import identity
 
-    return {"spec": ds.info.spec, "split": ds.info.split, **dataset_identity(ds),
-            "base_shape": list(ds.info.base_shape), "labelled": int((ds.labels >= 0).sum())}
+    return {"spec": ds.info.spec, "split": ds.info.split, **identity(ds), "input": ds.info.input_json(),
+            "base_shape": list(ds.info.sample_shape), "labelled": int((ds.labels >= 0).sum())}
 
 
 def make_cache(path: str | Path, *, labels: np.ndarray, num_classes: int, k: int | None = None,
                value_dtype: str = "float16", compressor: str | None = None, chunk_rows: int | None = None,
                dataset: dict | None = None, image_size: int = 32, seed: int = 0,
                logits_fn: Callable | None = None, reuse: bool = True, verbose: bool = True) -> dict:
-    """Write a complete cache at `path` through kdcache's writer path:
-    create_zarr (staging) -> ChunkWriter (whole chunks) -> finalize (stats, status complete, HDF5 conversion).
+    """Write a complete cache at `path` as `kdcache dump` writes one: Output.prepare (lock, staging store) ->
+    ChunkWriter (whole chunks, checksums) -> Output.finalize (stats, status complete, HDF5 conversion) ->
+    Output.cleanup.
 
-    Logits come from `logits_fn(labels_chunk, chunk_id)` (default PrototypeTeacher) and go through the
-    same top-k / tail / fp16 transform as `kdcache dump` (kdcache.ops.dump._targets).
-    Reuses an existing cache made with the same parameters (a `<path>.bench.json` marker).
-    Returns {"path", "seconds", "reused", "bytes"}.
+    Logits come from `logits_fn(labels_chunk, chunk_id)` (default PrototypeTeacher) and go through the dump's
+    top-k / tail / fp16 rule (kdcache.format.topk.to_topk). Chunks are sized as a dump sizes them (~1 MiB of
+    values) unless `chunk_rows` is given. Reuses an existing cache made with the same parameters (a
+    `<path>.bench.json` marker). Returns {"path", "seconds", "reused", "bytes"}.
     """
+    from contextlib import ExitStack
+
     import torch
 
-    from kdcache.cache.dump import _targets
-    from kdcache.cache.finalize import finalize
-    from kdcache.format.spec import Layout, default_chunk_rows
-    from kdcache.cache.store import (
-        backend_for,
-        create_zarr,
-        default_compressor,
-        staging_path,
-    )
-    from kdcache.io.writer import ChunkWriter, Rows
     from kdcache.data.views import identity_views
+    from kdcache.format.spec import Layout
+    from kdcache.format.topk import to_topk
+    from kdcache.io.output import Output
+    from kdcache.io.writer import ChunkWriter, Rows
 
     path = str(path)
-    backend = backend_for(path)
-    compressor = compressor or default_compressor(backend)
     labels = np.ascontiguousarray(labels, dtype=np.int64)
     n = len(labels)
-    rows = min(chunk_rows or default_chunk_rows(k or num_classes, 1, value_dtype), n)
-    layout = Layout(n=n, n_views=1, num_classes=num_classes, k=k, value_dtype=value_dtype, chunk_rows=rows)
+    layout = Layout.for_dataset(n, n, 1, num_classes, k, value_dtype, chunk_rows)
+    output = Output(path, "write", compressor=compressor)
     dataset = dataset or synthetic_dataset_attrs(labels, num_classes)
-    key = {"n": n, "C": num_classes, "k": k, "dtype": value_dtype, "compressor": compressor, "rows": rows,
-           "seed": seed, "fp": dataset["fingerprint"], "image_size": image_size,
+    key = {"n": n, "C": num_classes, "k": k, "dtype": value_dtype, "compressor": output.compressor,
+           "rows": layout.chunk_rows, "seed": seed, "fp": dataset["fingerprint"], "image_size": image_size,
            "gen": "default" if logits_fn is None else getattr(logits_fn, "__qualname__", "custom"),
            "labels": hashlib.sha256(labels.tobytes()).hexdigest()[:16]}
     marker = Path(path + ".bench.json")
     if reuse and marker.exists() and os.path.exists(path) and json.loads(marker.read_text()) == key:
         return {"path": path, "seconds": 0.0, "reused": True, "bytes": disk_bytes(path)}
-    for p in (path, staging_path(path)):
-        if os.path.isdir(p):
-            shutil.rmtree(p)
-        elif os.path.exists(p):
-            os.remove(p)
     marker.unlink(missing_ok=True)
     gen = logits_fn or PrototypeTeacher(num_classes, seed)
-    attrs = cache_attrs(layout, compressor, dataset=dataset, image_size=image_size,
-                        teacher="bench:prototype-teacher", command=command_line())
+    attrs = _attrs(layout, dataset=dataset, image_size=image_size, teacher="bench:prototype-teacher")
     t0 = time.perf_counter()
-    stage = staging_path(path)
-    store = create_zarr(stage, layout, "none" if backend == "hdf5" else compressor, attrs)
-    writer = ChunkWriter(store, layout)
-    try:
-        for c in range(layout.n_chunks):
-            sl = layout.chunk_slice(c)
-            lab = labels[sl]
-            logits = gen(lab, c)
-            out = _targets(logits[:, None].float(), k, getattr(torch, value_dtype))
-            arrays: dict[str, object] = {name: t.numpy() for name, t in out.items()}
-            arrays["labels"] = lab
-            arrays["views"] = identity_views(len(lab), 1)
-            writer.put(Rows(start=sl.start, arrays=arrays))
-    finally:
-        writer.close()
-    finalize(store, path, compressor)
-    if stage != path:
-        shutil.rmtree(stage)
+    with ExitStack() as stack:
+        output.prepare(layout, attrs, stack, overwrite=True)
+        store = output.open()
+        writer = ChunkWriter(store, layout)
+        try:
+            for c in range(layout.n_chunks):
+                sl = layout.chunk_slice(c)
+                lab = labels[sl]
+                out = to_topk(gen(lab, c)[:, None], k, getattr(torch, value_dtype))
+                arrays: dict[str, object] = {name: t.numpy() for name, t in out.items()}
+                arrays["labels"] = lab
+                arrays["views"] = identity_views(len(lab), 1)
+                writer.put(Rows(start=sl.start, arrays=arrays))
+        finally:
+            writer.close()
+        output.finalize(store)
+        store.close()
+    output.cleanup()
     secs = time.perf_counter() - t0
     marker.write_text(json.dumps(key))
     if verbose:
-        print(f"  made {path} ({n:,} x {k or num_classes}, {compressor}) in {secs:.1f} s", flush=True)
+        print(f"  made {path} ({n:,} x {k or num_classes}, {output.compressor}) in {secs:.1f} s", flush=True)
     return {"path": path, "seconds": secs, "reused": False, "bytes": disk_bytes(path)}
 
 
 def convert_to_hdf5(zarr_path: str | Path, h5_path: str | Path, compressor: str = "gzip",
                     reuse: bool = True) -> dict:
-    """Copy a complete Zarr cache into an HDF5 cache with kdcache's own converter (store.write_hdf5,
-    the path `finalize` takes for .h5 output), atomically."""
-    from kdcache.cache.store import open_store, write_hdf5
+    """Copy a complete Zarr cache into an HDF5 cache with `kdcache convert` (lossless, checked array by array)."""
+    from kdcache.ops.convert import convert
 
     zarr_path, h5_path = str(zarr_path), str(h5_path)
     marker = Path(h5_path + ".bench.json")
@@ -201,13 +180,9 @@ def convert_to_hdf5(zarr_path: str | Path, h5_path: str | Path, compressor: str 
            "compressor": compressor}
     if reuse and marker.exists() and os.path.exists(h5_path) and json.loads(marker.read_text()) == key:
         return {"path": h5_path, "seconds": 0.0, "reused": True, "bytes": disk_bytes(h5_path)}
+    marker.unlink(missing_ok=True)
     t0 = time.perf_counter()
-    src = open_store(zarr_path, "r")
-    attrs = src.attrs
-    attrs["compressor"] = compressor
-    tmp = h5_path + ".tmp"
-    write_hdf5(src, tmp, compressor, attrs)
-    os.replace(tmp, h5_path)
+    convert(zarr_path, h5_path, compressor, overwrite=True)
     marker.write_text(json.dumps(key))
     secs = time.perf_counter() - t0
     print(f"  made {h5_path} ({compressor}) in {secs:.1f} s", flush=True)

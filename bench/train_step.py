@@ -1,15 +1,17 @@
 """Training-step throughput in one process: plain CE vs KD from a cache vs online KD (teacher in the loop).
 
-Same student, same loader (kdcache.train.data.PairedLoader over digits train, 1,437 images rendered at
-32 px, batch 128), same optimiser (kdtrain's AdamW + warmup/cosine schedule, grad clip 1.0), same step as
-kdcache/train/loop.py:
-  plain    PairedLoader without a cache, Objective('ce')
-  cached   PairedLoader with the teacher's cache (full logits, loaded in memory as kdtrain does when it
-           fits --cache-ram), Objective('kd') = losses.kd(alpha 0.5, T 4)
-  online   PairedLoader without a cache; the teacher runs on the same rendered batch under no_grad and
-           losses.kd is applied to its logits (the loop is written here from kdcache pieces)
+Every mode trains with kdtrain's own step, kdcache.train.recipe.Trainer.step (model input -> student ->
+objective -> backward -> grad clip 1.0 -> optimiser and schedule step), built as run_train builds it:
+build_optimizer (AdamW, warmup + cosine), Objective(LossConfig().resolve(n_teachers)), HeadsView(student),
+and the same loader, kdcache.train.batches.PairedLoader over digits train (1,437 images rendered at 32 px,
+batch 128). Only the recipe's `targets` hook differs:
+  plain    no cache, Targets(0): Objective resolves to CE
+  cached   the teacher's cache (full logits, loaded in memory as kdtrain does when it fits --cache-ram),
+           Targets(1) (the default hook: the batch's cached targets): KD, alpha 0.5, T 4
+  online   no cache; OnlineTeacher, a Targets subclass that runs the teacher on the step's own model input
+           under no_grad and returns its logits as the SoftTarget: the same KD loss
 Students: mlp (kdcache's default 3072-1200-1200-10) and vit_nano. Teachers: cnn_s and cifar_resnet10 at
-width 16 (bench.synthdata:cifar_resnet10_w16), random weights (speed only); caches via kdcache's run_dump.
+width 16 (bench.synthdata.TEACHERS), random weights (speed only); caches via kdcache's run_dump.
 Modes are interleaved step by step (round robin: one training step of each mode in turn, after one
 untimed warm-up epoch each), so load from other jobs on this shared machine hits every mode alike; rounds
 during which other processes used more than 10% of the machine are dropped when at least a quarter (and 8)
@@ -35,60 +37,72 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import numpy as np
-import torch
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
 
-from bench import common
+from bench import common  # noqa: E402
+from bench.synthdata import TEACHERS, load_teacher, random_teacher  # noqa: E402
+from kdcache.train.losses import SoftTarget  # noqa: E402
+from kdcache.train.recipe import Targets  # noqa: E402
 
-TEACHERS = {"cnn_s": "cnn_s", "cifar_resnet10_w16": "bench.synthdata:cifar_resnet10_w16"}
 IMAGE_SIZE = 32
 BATCH = 128
 
 
-def dump_caches(wd: Path) -> dict[str, str]:
+def dump_caches(wd: Path) -> dict[str, tuple[str, str]]:
+    """short teacher name -> (its cache of digits train, its random weights)."""
     from kdcache.config import DumpConfig
-from kdcache.ops.dump import run_dump
-    from kdcache.models import build_model
+    from kdcache.ops.dump import run_dump
 
     out = {}
-    for short, name in TEACHERS.items():
-        torch.manual_seed(0)
-        w = wd / f"{short}_random.pt"
-        torch.save(build_model(name, num_classes=10, input_shape=(3, IMAGE_SIZE, IMAGE_SIZE)).state_dict(), w)
-        out[short] = run_dump(DumpConfig(teacher=name, weights=str(w), dataset="digits", out=str(wd / f"{short}.zarr"),
-                                         overwrite=True, progress=False, batch_size=256))
+    for short in TEACHERS:
+        name, w = random_teacher(short, IMAGE_SIZE, wd)
+        out[short] = (run_dump(DumpConfig(teacher=name, weights=w, dataset="digits", out=str(wd / f"{short}.zarr"),
+                                          overwrite=True, progress=False, batch_size=256)), w)
     return out
 
 
+class OnlineTeacher(Targets):
+    """Online KD through the recipe's targets hook: the teacher's logits on the step's own model input."""
+
+    def __init__(self, teacher: torch.nn.Module, num_classes: int) -> None:
+        super().__init__(n_teachers=1)
+        self.teacher, self.num_classes = teacher, num_classes
+
+    def __call__(self, batch, x: torch.Tensor) -> list[SoftTarget]:
+        with torch.no_grad():
+            return [SoftTarget(logits=self.teacher(x).float(), num_classes=self.num_classes)]
+
+
 class Mode:
-    """One training setup: its own student, optimiser, loader and (online) teacher."""
+    """One training setup: its own student, optimiser and loader, and kdtrain's Trainer with a targets hook."""
 
-    def __init__(self, label: str, student: str, ds, caches: list, teacher: torch.nn.Module | None,
-                 epochs_total: int) -> None:
-        from kdcache.models import build_model
+    def __init__(self, label: str, student: str, ds, caches: list, targets: Targets, epochs_total: int) -> None:
+        from kdcache.config import TrainConfig
+        from kdcache.data.render import model_input
+        from kdcache.device import amp_dtype
+        from kdcache.models import HeadsView, build_model
         from kdcache.train.batches import PairedLoader
-        from kdcache.train.loop import TrainConfig, _optimizer
         from kdcache.train.objective import Objective
+        from kdcache.train.recipe import Trainer, build_optimizer
 
-        self.label, self.teacher = label, teacher
+        self.label = label
+        cpu = torch.device("cpu")
         torch.manual_seed(0)
-        self.model = build_model(student, num_classes=10, input_shape=(3, IMAGE_SIZE, IMAGE_SIZE))
-        self.loader = PairedLoader(ds, caches, BATCH, seed=0)
-        self.objective = Objective("kd" if caches else "ce").resolve(len(caches))
-        self.kd = Objective("kd").resolve(1)
-        cfg = TrainConfig(epochs=epochs_total)
-        self.opt, self.sched = _optimizer(cfg, self.model, epochs_total * len(self.loader))
-        self.gen = torch.Generator().manual_seed(0)
+        cfg = TrainConfig(student=student, epochs=epochs_total, batch_size=BATCH)  # kdtrain's defaults otherwise
+        pre = model_input(ds.info, IMAGE_SIZE)
+        model = build_model(student, num_classes=ds.info.num_classes, input_shape=pre.input_shape)
+        self.loader = PairedLoader(ds, caches, cfg.batch_size, seed=cfg.seed)
+        opt, sched = build_optimizer(cfg, model, epochs_total * len(self.loader))
+        self.trainer = Trainer(HeadsView(model), Objective(cfg.loss.resolve(targets.n_teachers)), opt, sched,
+                               torch.amp.GradScaler(enabled=amp_dtype(cpu) == torch.float16), pre, cpu, cfg.clip,
+                               torch.Generator().manual_seed(cfg.seed), targets)
         self.epoch_no = 0
 
     def steps(self):
-        """Endless training steps over successive epochs; yields (samples, seconds) per step, the seconds
-        covering the loader's next batch (images + cache targets) and the whole step."""
-        from kdcache.data.views import Preprocess, render
-        from kdcache.train import losses
-
-        pre = Preprocess(IMAGE_SIZE)
-        self.model.train()
+        """Endless training steps over successive epochs; yields (samples, seconds, CPU seconds) per step, the
+        times covering the loader's next batch (images + cache targets) and the whole Trainer.step."""
+        self.trainer.net.train()
         while True:
             loss_sum = torch.zeros(())
             it = iter(self.loader.epoch(self.epoch_no))
@@ -97,22 +111,8 @@ class Mode:
                 batch = next(it, None)
                 if batch is None:
                     break
-                x = render(batch.images, batch.views, pre)
-                heads = self.model(x).float()[:, None]
-                if self.teacher is not None:  # online KD: the teacher on the same view, no graph
-                    with torch.no_grad():
-                        t = self.teacher(x).float()
-                    loss = losses.kd(heads[:, 0], batch.labels, losses.SoftTarget(logits=t, num_classes=10),
-                                     self.kd.temperature, self.kd.alpha, self.kd.topk_mode)
-                else:
-                    loss = self.objective(heads, batch.labels, batch.targets, self.gen)
-                self.opt.zero_grad(set_to_none=True)
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
-                self.opt.step()
-                self.sched.step()
                 n = len(batch.labels)
-                loss_sum += loss.detach() * n  # no sync per step, as kdcache/train/loop.py
+                loss_sum += self.trainer.step(batch) * n  # no sync per step, as Trainer.train_epoch
                 yield n, time.perf_counter() - t0, time.process_time() - c0
             float(loss_sum)
             self.epoch_no += 1
@@ -133,6 +133,7 @@ def kd_overhead(caches: dict, ds) -> list[dict]:
     """What KD from a cache adds to a step, measured in isolation: the cache read + conversion of one batch
     of targets (Cache.read + to_target) and KD loss forward+backward minus CE loss forward+backward, on
     (128, 10) student logits. Best-of timing, so it is robust to load from other jobs."""
+    from kdcache.config import LossConfig
     from kdcache.train.batches import to_target
     from kdcache.train.objective import Objective
 
@@ -140,7 +141,7 @@ def kd_overhead(caches: dict, ds) -> list[dict]:
     idx = rng.permutation(len(ds))[:BATCH]
     y = torch.from_numpy(ds.labels[idx])
     logits = torch.randn(BATCH, 10, requires_grad=True)
-    ce, kd = Objective("ce").resolve(0), Objective("kd").resolve(1)
+    ce, kd = Objective(LossConfig("ce").resolve(0)), Objective(LossConfig("kd").resolve(1))
     cpu = torch.device("cpu")
     out = []
     for short, cache in caches.items():
@@ -167,23 +168,18 @@ def main() -> None:
     ap.add_argument("--epochs", default="mlp=16,vit_nano=2", help="timed epochs per mode, per student")
     args = ap.parse_args()
     common.setup_torch()
-    from kdcache.io import open_cache
     from kdcache.data.datasets import open_dataset
-    from kdcache.models import build_model
+    from kdcache.io import open_cache
 
     wd = common.workdir("train_step")
-    cache_paths = dump_caches(wd)
+    dumped = dump_caches(wd)
     ds = open_dataset("digits", "train")
-    caches = {}
-    for short, p in cache_paths.items():
-        c = open_cache(p)
+    caches, teachers = {}, {}
+    for short, (path, weights) in dumped.items():
+        c = open_cache(path)
         c.load()  # kdtrain loads a cache that fits --cache-ram (default 1 GiB)
         caches[short] = c
-    teachers = {}
-    for short, name in TEACHERS.items():
-        t = build_model(name, num_classes=10, input_shape=(3, IMAGE_SIZE, IMAGE_SIZE))
-        t.load_state_dict(torch.load(wd / f"{short}_random.pt", weights_only=True))
-        teachers[short] = t.eval()
+        teachers[short] = load_teacher(short, weights, IMAGE_SIZE)
     epochs = {k: int(v) for k, v in (kv.split("=") for kv in args.epochs.split(","))}
 
     overhead = kd_overhead(caches, ds)
@@ -192,9 +188,10 @@ def main() -> None:
     rows = []
     for student in args.students.split(","):
         e = epochs.get(student, 4)
-        modes = [Mode("plain CE", student, ds, [], None, e + 1)]
-        modes += [Mode(f"KD cached ({t})", student, ds, [caches[t]], None, e + 1) for t in TEACHERS]
-        modes += [Mode(f"KD online ({t})", student, ds, [], teachers[t], e + 1) for t in TEACHERS]
+        modes = [Mode("plain CE", student, ds, [], Targets(0), e + 1)]
+        modes += [Mode(f"KD cached ({t})", student, ds, [caches[t]], Targets(1), e + 1) for t in TEACHERS]
+        modes += [Mode(f"KD online ({t})", student, ds, [], OnlineTeacher(teachers[t], ds.info.num_classes), e + 1)
+                  for t in TEACHERS]
         per_epoch = len(modes[0].loader)
         gens = [m.steps() for m in modes]
         for _ in range(per_epoch):  # warm-up epoch, not timed
@@ -211,10 +208,8 @@ def main() -> None:
                         steps[m.label].append(next(g))
                 round_other.append(rc.other)
         # keep the rounds during which other jobs left the machine (nearly) alone, if there are enough
-        keep = [i for i, o in enumerate(round_other) if o <= common.QUIET]
-        clean = len(keep) >= max(8, len(round_other) // 4)
-        if clean:
-            steps = {k: [v[i] for i in keep] for k, v in steps.items()}
+        keep, clean = common.quiet_indices(round_other, min_keep=max(8, len(round_other) // 4))
+        steps = {k: [v[i] for i in keep] for k, v in steps.items()}
         mean, med, cpu, fastest = {}, {}, {}, {}
         for label, st in steps.items():
             n = np.array([a for a, _, _ in st], dtype=np.float64)

@@ -11,46 +11,60 @@ vs `torchrun --nproc-per-node 2 -m kdcache dump …` (2 processes × 1 thread), 
 bench.synthdata:digits_tiled with KDBENCH_N=16384, teacher cnn_s, 32 px. Wall time includes process
 start and imports (the same for both up to the second process); results must be byte-identical.
 On a 2-core CPU this measures sharding overhead, not GPU scaling: each rank has one core.
+
+Each measurement starts in a quiet window (bench/common.py quiet_gate) and records the share of the
+machine other processes used meanwhile ("other CPU %").
 """
 
 from __future__ import annotations
 
+import argparse
 import os
 import shutil
 import socket
 import subprocess
 import sys
+from pathlib import Path
 
-import numpy as np
-import torch
-import zarr
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import REPO, Timer, disk_bytes, loadavg, setup_torch, table, workdir, write_results
-from kdcache.config import DumpConfig
-from kdcache.ops.dump import run_dump
-from kdcache.models import build_model
+import numpy as np  # noqa: E402
+import zarr  # noqa: E402
+
+from bench.common import (  # noqa: E402
+    REPO,
+    Contention,
+    Timer,
+    disk_bytes,
+    loadavg,
+    quiet_gate,
+    setup_torch,
+    table,
+    workdir,
+    write_results,
+)
+from bench.synthdata import random_teacher  # noqa: E402
 
 ARRAYS = ("values", "labels", "views", "done", "checksum")
 
 
-def _weights(work) -> str:
-    torch.manual_seed(0)
-    path = str(work / "cnn_s.pt")
-    torch.save({"model": build_model("cnn_s", num_classes=10, input_shape=(3, 32, 32)).state_dict()}, path)
-    return path
+def views_part(work: Path, w: str, views: list[int]) -> list[dict]:
+    from kdcache.config import DumpConfig
+    from kdcache.io import open_cache
+    from kdcache.ops.dump import run_dump
 
-
-def views_part(work, w: str) -> list[dict]:
     rows = []
-    for v in (1, 8, 32):
+    for v in views:
         out = work / f"v{v}.zarr"
         shutil.rmtree(out, ignore_errors=True)
-        with Timer() as t:
+        quiet_gate()
+        with Contention() as c, Timer() as t:
             run_dump(DumpConfig(teacher="cnn_s", weights=w, out=str(out), views=v, augment="rrc(0.35,1)+flip",
                                 image_size=32, progress=False, overwrite=True))
-        n = 1437
+        with open_cache(str(out)) as cache:
+            n = cache.n
         rows.append({"views V": v, "bytes/sample": disk_bytes(out) / n, "bytes/view": disk_bytes(out) / n / v,
-                     "samples/s": n / t.s, "views/s": n * v / t.s, "seconds": t.s})
+                     "samples/s": n / t.s, "views/s": n * v / t.s, "seconds": t.s, "other CPU %": 100 * c.other})
     return rows
 
 
@@ -60,8 +74,8 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def ranks_part(work, w: str) -> list[dict]:
-    env = {**os.environ, "PYTHONPATH": str(REPO), "KDBENCH_N": "16384", "OMP_NUM_THREADS": "1"}
+def ranks_part(work: Path, w: str, n: int) -> list[dict]:
+    env = {**os.environ, "PYTHONPATH": str(REPO), "KDBENCH_N": str(n), "OMP_NUM_THREADS": "1"}
     args = ["dump", "--teacher", "cnn_s", "--weights", w, "--dataset", "bench.synthdata:digits_tiled",
             "--image-size", "32", "--quiet", "--overwrite"]
     rows, outs = [], {}
@@ -75,12 +89,15 @@ def ranks_part(work, w: str) -> list[dict]:
             cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr",
                    "127.0.0.1", "--master-port", str(_free_port()), "-m", "kdcache", *args, "--out", out]
             env1 = env
-        with Timer() as t:
-            subprocess.run(cmd, env=env1, cwd=work, check=True, capture_output=True)
+        quiet_gate()
+        with Contention() as c, Timer() as t:
+            p = subprocess.run(cmd, env=env1, cwd=work, capture_output=True, text=True)
+        if p.returncode:
+            sys.exit(f"{' '.join(cmd)} failed (rc {p.returncode}):\n{p.stderr[-2000:]}")
         rows.append({"processes": procs, "threads each": 2 if procs == 1 else 1, "seconds": t.s,
-                     "samples/s": 16384 / t.s})
+                     "samples/s": n / t.s, "other CPU %": 100 * c.other})
     a, b = zarr.open_group(outs[1], mode="r"), zarr.open_group(outs[2], mode="r")
-    identical = all(np.array_equal(a[n][...], b[n][...]) for n in ARRAYS)
+    identical = all(np.array_equal(a[name][...], b[name][...]) for name in ARRAYS)
     for r in rows:
         r["scaling vs 1"] = rows[0]["seconds"] / r["seconds"]
         r["byte-identical"] = identical
@@ -88,12 +105,16 @@ def ranks_part(work, w: str) -> list[dict]:
 
 
 def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--views", default="1,8,32", help="comma-separated V of part 1")
+    ap.add_argument("--ranks-n", type=int, default=16384, help="samples of part 2 (KDBENCH_N)")
+    args = ap.parse_args()
     setup_torch()
     work = workdir("views_ranks")
-    w = _weights(work)
-    views = views_part(work, w)
+    _, w = random_teacher("cnn_s", 32, work)
+    views = views_part(work, w, [int(v) for v in args.views.split(",")])
     print(table(views))
-    ranks = ranks_part(work, w)
+    ranks = ranks_part(work, w, args.ranks_n)
     print(table(ranks))
     write_results("views_ranks", {"views": views, "ranks": ranks, "loadavg": loadavg()})
 

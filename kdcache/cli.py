@@ -12,7 +12,7 @@ from typing import Any
 import click
 
 from kdcache.config import HEAD_MODES, LOSSES, OPTIMIZERS, TOPK_MODES, DumpConfig, LossConfig, TrainConfig, default
-from kdcache.errors import KDCacheError
+from kdcache.errors import KDCacheError, printable
 from kdcache.format.spec import VALUE_DTYPES
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 110}
@@ -21,7 +21,7 @@ CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 110}
 def _show_usage_error(self: click.UsageError, file: Any = None) -> None:
     """Click's own input errors, as one line like every other error (exit status stays 2)."""
     cmd = self.ctx.command_path if self.ctx else "kdcache"
-    click.echo(f"error: {self.format_message()} (see '{cmd} --help')", err=True)
+    click.echo(f"error: {printable(self.format_message())} (see '{cmd} --help')", err=True)
 
 
 click.UsageError.show = _show_usage_error  # type: ignore[method-assign]
@@ -54,7 +54,7 @@ def clean_errors(interrupted: str = INTERRUPTED) -> Callable[[Callable[..., Any]
             try:
                 return fn(*args, **kwargs)
             except KDCacheError as e:
-                click.echo(f"error: {e}", err=True)
+                click.echo(f"error: {printable(e)}", err=True)
                 sys.exit(1)
             except KeyboardInterrupt:
                 click.echo(interrupted, err=True)
@@ -268,8 +268,8 @@ def verify(path: str) -> None:
     problems, checked = run_verify(path)
     if problems:
         for p in problems:
-            click.echo(f"{path}: {p}", err=True)
-        click.echo(f"error: {path} failed verification ({len(problems)} problem(s))", err=True)
+            click.echo(f"{printable(path)}: {printable(p)}", err=True)
+        click.echo(f"error: {printable(path)} failed verification ({len(problems)} problem(s))", err=True)
         sys.exit(1)
     click.echo(f"ok: {path}: {checked['n']} samples, {checked['chunks']} chunks × {checked['views']} view(s) verified")
 

@@ -18,6 +18,11 @@ HEAD_MODES = ("cls", "mean")
 MAX_EPOCHS = 1_000_000
 
 
+def default_run_dir(student: str) -> str:
+    """Where kdtrain writes a run of `student` unless told (--out), and where `kdcache dump` looks for its weights."""
+    return f"runs/{student.replace(':', '_')}"
+
+
 def default(config: type, name: str) -> object:
     """The default of one field of a config dataclass (for the CLI's option defaults)."""
     f = {f.name: f for f in dataclasses.fields(config)}[name]
@@ -169,11 +174,11 @@ class TrainConfig:
         for flag, value, low, high in (("--epochs", self.epochs, 1, MAX_EPOCHS), ("--batch-size", self.batch_size, 1, None),
                                        ("--num-workers", self.num_workers, 0, None), ("--image-size", self.image_size, 1, None),
                                        ("--weight-decay", self.weight_decay, 0, None), ("--clip", self.clip, 0, None),
-                                       ("--mixup", self.mixup, 0, None), ("--warmup-epochs", self.warmup_epochs, 0, None),
+                                       ("--mixup", self.mixup, 0, None), ("--warmup-epochs", self.warmup_epochs, 0, MAX_EPOCHS),
                                        ("--cache-ram", self.cache_ram, 0, None)):
             _number(flag, value, low, high)
         _number("--lr", self.lr, 0, strict=True)
 
     @property
     def run_dir(self) -> str:
-        return self.out if self.out is not None else f"runs/{self.student.replace(':', '_')}"
+        return self.out if self.out is not None else default_run_dir(self.student)

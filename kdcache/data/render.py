@@ -70,7 +70,7 @@ class Preprocess:
                 mean=tuple(float(v) for v in d.get("mean", IMAGENET_MEAN)),  # type: ignore[arg-type]
                 std=tuple(float(v) for v in d.get("std", IMAGENET_STD)),  # type: ignore[arg-type]
             )
-        except (KeyError, AttributeError, TypeError, ValueError) as e:
+        except (KeyError, AttributeError, TypeError, ValueError, KDCacheError) as e:
             raise KDCacheError(f"bad stored preprocessing {d!r} ({e}): the cache metadata is damaged") from None
 
 
@@ -163,13 +163,18 @@ class Passthrough:
 ModelInput = Preprocess | Passthrough
 
 
-def model_input(info: DatasetInfo, image_size: int | None, flag: str = "--image-size") -> ModelInput:
+def image_only(flag: str, info: DatasetInfo) -> KDCacheError:
+    """The error for an image option given with tensor samples (it would be silently meaningless otherwise)."""
+    return KDCacheError(f"{flag} applies to images, but the dataset yields {info.describe()}, which reach the "
+                        f"models exactly as given: drop {flag}")
+
+
+def model_input(info: DatasetInfo, image_size: int | None) -> ModelInput:
     """The input of a model trained or run on this dataset: images at `image_size` (default by their size),
     tensors as they are (an image size is then an error, not ignored)."""
     if not info.is_image:
         if image_size:
-            raise KDCacheError(f"{flag} applies to images, but the dataset yields {info.describe()}, which reach "
-                               f"the model exactly as given: drop {flag}")
+            raise image_only("--image-size", info)
         return Passthrough(tuple(info.sample_shape))
     return Preprocess(image_size or default_image_size(max(info.sample_shape[1:])))
 

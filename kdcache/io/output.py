@@ -52,7 +52,7 @@ def check_target(out: str, inputs: Sequence[str], verb: str) -> None:
     if is_packed(out):
         raise KDCacheError(f"cannot {verb} into a .zip ({out}): {verb} to a .zarr, then 'kdcache pack' it")
     if is_url(out) and backend != "zarr":
-        raise KDCacheError(f"cannot write HDF5 at a URL ({out}): {verb} to a .zarr, or write HDF5 locally")
+        raise KDCacheError(f"cannot write HDF5 at a URL ({out}): write to a .zarr, or write HDF5 locally")
     for p in inputs:
         if same_path(out, p):
             raise KDCacheError(f"the output {out} is one of the caches being read: write the result to another path")
@@ -142,10 +142,14 @@ class Output:
         old = read_attrs(self.stage) if path_exists(self.stage) else {}
         if old.get("status") != STATUS_PARTIAL:
             return False
+        settings = old.get("dump")
+        if not isinstance(settings, dict):
+            raise KDCacheError(f"cannot resume {self.stage}: its dump settings are missing or damaged; start over "
+                               "with --overwrite")
         for key in keys:
-            if old["dump"].get(key) != attrs["dump"].get(key):
+            if settings.get(key) != attrs["dump"].get(key):
                 raise KDCacheError(
-                    f"cannot resume {self.stage}: it was dumped with {key}={old['dump'].get(key)!r}, this command has "
+                    f"cannot resume {self.stage}: it was dumped with {key}={settings.get(key)!r}, this command has "
                     f"{attrs['dump'].get(key)!r}; rerun the original command with --resume, or use --overwrite"
                 )
         if not self.chosen:

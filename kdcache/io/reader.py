@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import threading
 from collections import OrderedDict
 from collections.abc import Iterable
@@ -53,7 +54,12 @@ class Cache:
                                "fetch it again")
         self.layout = Layout.from_attrs(self.attrs)
         self._labels: np.ndarray | None = None
-        self._checksums = np.asarray(store["checksum"][...], dtype=np.uint32)
+        try:
+            self._checksums = np.asarray(store["checksum"][...], dtype=np.uint32)
+        except Exception as e:  # damaged bookkeeping array
+            store.close()
+            raise KDCacheError(f"the checksum array of {self.path} cannot be read ({type(e).__name__}): run "
+                               f"'kdcache verify {self.path}', and dump or fetch it again") from None
         self._lru: OrderedDict[tuple[int, int], dict[str, np.ndarray]] = OrderedDict()
         self._lru_bytes, self._lru_used = lru_bytes, 0
         self._inflight: dict[tuple[int, int], Future] = {}
@@ -97,6 +103,23 @@ class Cache:
     def complete(self) -> bool:
         return self.attrs.get("status") == STATUS_COMPLETE
 
+    def labels_sha256(self) -> str:
+        """sha256 of the stored labels as int64 LE (compare with the attributes'), read chunk by chunk."""
+        h = hashlib.sha256()
+        for c in range(self.layout.n_chunks):
+            sl = self.layout.chunk_slice(c)
+            part = self._labels[sl] if self._labels is not None else self.store["labels"][sl]
+            h.update(memoryview(np.ascontiguousarray(part, dtype="<i8")))
+        return h.hexdigest()
+
+    def check_labels(self) -> None:
+        """Refuse a cache whose stored labels are not the ones its attributes hash (rows.labels_sha256 for a range
+        cache, else dataset.labels_sha256)."""
+        span = self.attrs.get("rows") if isinstance(self.attrs.get("rows"), dict) else self.attrs["dataset"]
+        if self.labels_sha256() != span.get("labels_sha256"):
+            raise KDCacheError(f"the labels stored in {self.path} differ from the labels_sha256 it records: it is "
+                               f"damaged; run 'kdcache verify {self.path}', and dump or fetch it again")
+
     def done_map(self) -> np.ndarray:
         return np.asarray(self.store["done"][...], dtype=bool)
 
@@ -108,13 +131,16 @@ class Cache:
     def read_chunk(self, c: int, view: int = 0) -> dict[str, np.ndarray]:
         """Decode one chunk of one view (and its labels) from the store; check it against its stored CRC-32."""
         sl = self.layout.chunk_slice(c)
-        rows = {n: np.asarray(self.store[n][sl, view]) for n in PER_VIEW if n in self.store}
+        where = f"chunk {c} (rows {sl.start}-{sl.stop - 1}, view {view}) of {self.path}"
+        fix = f"the cache is corrupt; run 'kdcache verify {self.path}' and dump or fetch it again"
+        try:
+            rows = {n: np.asarray(self.store[n][sl, view]) for n in PER_VIEW if n in self.store}
+            labels = np.asarray(self.store["labels"][sl], dtype=np.int64)
+        except Exception as e:  # a truncated or damaged chunk fails to decode in library-specific ways
+            raise KDCacheError(f"{where} cannot be read ({type(e).__name__}): {fix}") from None
         if view_checksum(rows) != int(self._checksums[c, view]):
-            raise KDCacheError(
-                f"chunk {c} (rows {sl.start}-{sl.stop - 1}, view {view}) of {self.path} fails its checksum: "
-                f"the cache is corrupt; run 'kdcache verify {self.path}' and dump or fetch it again"
-            )
-        rows["labels"] = np.asarray(self.store["labels"][sl], dtype=np.int64)
+            raise KDCacheError(f"{where} fails its checksum: {fix}")
+        rows["labels"] = labels
         with self._lock:
             self.chunks_decoded += 1
         return rows
@@ -223,18 +249,23 @@ class Cache:
         self.close()
 
 
-def open_cache(path: str, require_complete: bool = True, lru_bytes: int = DEFAULT_LRU_BYTES) -> Cache:
-    """Open a cache for reading; by default refuse one that is not `complete`."""
+def check_written(path: str) -> None:
+    """An HDF5 cache appears only when complete: name its partial staging store instead of saying 'no cache'."""
     stage = staging_path(path)
     if stage != path and not path_exists(path) and path_exists(stage):
         raise KDCacheError(f"{path} is not written yet: a partial dump is at {stage}; finish it with "
                            "'kdcache dump ... --resume' (same command)")
+
+
+def open_cache(path: str, require_complete: bool = True, lru_bytes: int = DEFAULT_LRU_BYTES) -> Cache:
+    """Open a cache for reading; by default refuse one that is not `complete`."""
+    check_written(path)
     cache = Cache(open_store(path, "r"), lru_bytes=lru_bytes)
     if require_complete and not cache.complete:
         done = int(cache.done_map().sum())
         cache.close()
         raise KDCacheError(
             f"{path} is a partial cache ({done} of {cache.layout.n_chunks} chunks written): finish it with "
-            "'kdcache dump ... --resume' (same command) before training from it"
+            "'kdcache dump ... --resume' (same command) before using it"
         )
     return cache

@@ -2,7 +2,7 @@
 
 from .heads import HeadsView, has_distill_heads
 from .registry import build_model, model_names, param_count
-from .weights import checkpoint_arch_args, load_weights
+from .weights import checkpoint_arch_args, load_weights, published_classes
 
 __all__ = ["HeadsView", "build_model", "checkpoint_arch_args", "has_distill_heads", "load_weights", "model_names",
-           "param_count"]
+           "param_count", "published_classes"]

@@ -50,9 +50,12 @@ def param_count(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def build_model(name: str, num_classes: int, input_shape: tuple[int, ...], **kwargs: Any) -> nn.Module:
+def build_model(name: str, num_classes: int, input_shape: tuple[int, ...], options: dict[str, Any] | None = None,
+                **kwargs: Any) -> nn.Module:
     """Build ``name`` with fresh weights for inputs of ``input_shape`` (one sample: (3, S, S) for rendered images,
-    the dataset's own shape for tensors); kwargs are model options (width, distill_tokens, ...)."""
+    the dataset's own shape for tensors); ``options`` (a user's builder options, e.g. from --student-arg) and kwargs
+    are model options (width, distill_tokens, ...)."""
+    kwargs = {**(options or {}), **kwargs}
     input_shape = tuple(int(s) for s in input_shape)
     if num_classes < 1 or not input_shape or min(input_shape) < 1:
         raise KDCacheError(f"cannot build {name!r} for {num_classes} classes and inputs {input_shape}: both must "

@@ -16,5 +16,6 @@ def square_image(input_shape: tuple[int, ...], name: str) -> tuple[int, int]:
     """(channels, side) of a square image input."""
     c, h, w = image_shape(input_shape, name)
     if h != w:
-        raise KDCacheError(f"model {name!r} takes square images, but the inputs are {h}x{w}: pass --image-size")
+        raise KDCacheError(f"model {name!r} takes square images, but the inputs are {h}x{w}: use a model for such "
+                           "inputs (e.g. mlp, or package.module:factory)")
     return c, h

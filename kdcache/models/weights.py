@@ -3,6 +3,7 @@
 import hashlib
 import os
 import pickle
+import warnings
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -28,6 +29,9 @@ def load_weights(model: nn.Module, weights: str, name: str) -> dict[str, Any]:
 
 
 def _load_file(model: nn.Module, path: str, name: str) -> dict[str, Any]:
+    if os.path.isdir(path):
+        raise KDCacheError(f"--weights {path} is a folder: pass the checkpoint file in it (kdtrain writes "
+                           "best.pt and last.pt)")
     if not os.path.isfile(path):
         raise KDCacheError(
             f"weights file {path} not found: pass the path of a checkpoint (train one with kdtrain)"
@@ -47,13 +51,16 @@ def _load_file(model: nn.Module, path: str, name: str) -> dict[str, Any]:
 
 
 def _read(path: str) -> Any:
-    """``torch.load(weights_only=True)``, every failure turned into a KDCacheError."""
+    """``torch.load(weights_only=True)``, every failure turned into a KDCacheError (torch's own advice to retry
+    with weights_only=False is never shown: kdcache does not unpickle code)."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch.load fails on non-checkpoints with many error types
-        if isinstance(e, pickle.UnpicklingError) and "global" in str(e).lower():  # a class or function
+        if isinstance(e, pickle.UnpicklingError) and _is_pickle(path):
             raise KDCacheError(
-                f"weights {path} is not a plain state_dict (refusing to unpickle code); "
+                f"weights {path} is not a plain state_dict of tensors (refusing to unpickle code or objects); "
                 "re-save it with torch.save(model.state_dict(), path)"
             ) from None
         reason = (str(e).splitlines() or [""])[0]
@@ -61,6 +68,20 @@ def _read(path: str) -> Any:
             f"weights {path} is not a readable torch checkpoint ({type(e).__name__}: {reason}); "
             "pass a file written by torch.save"
         ) from None
+
+
+def published_classes(name: str) -> int | None:
+    """The class count of torchvision's published DEFAULT weights for `name` (None: there are none)."""
+    if name not in torchvision_names():
+        return None
+    return len(torchvision.models.get_model_weights(name).DEFAULT.meta["categories"])
+
+
+def _is_pickle(path: str) -> bool:
+    """A torch.save zip or a bare pickle (protocol 2+), as opposed to bytes that are no checkpoint at all."""
+    with open(path, "rb") as f:
+        head = f.read(4)
+    return head.startswith((b"PK\x03\x04", b"\x80"))
 
 
 def _load_default(model: nn.Module, name: str) -> dict[str, Any]:
@@ -72,8 +93,9 @@ def _load_default(model: nn.Module, name: str) -> dict[str, Any]:
     classes, ours = len(enum.meta["categories"]), getattr(model, "num_classes", None)
     if ours is not None and ours != classes:
         raise KDCacheError(
-            f"DEFAULT weights for {name} have {classes} classes but the model has {ours}: "
-            f"build it with {classes} classes, or pass --weights PATH to a checkpoint trained for {ours}"
+            f"DEFAULT weights for {name} have {classes} classes but the dataset has {ours}: use a dataset of "
+            f"those {classes} classes, or pass --weights PATH to a checkpoint trained for {ours} (kdtrain "
+            f"--student {name} makes one)"
         )
     cached = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(urlparse(enum.url).path)
     if cached.is_file() and cached.stat().st_size == 0:

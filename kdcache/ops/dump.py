@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from contextlib import ExitStack
 from dataclasses import replace
@@ -10,9 +11,9 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from kdcache.config import DumpConfig
+from kdcache.config import DumpConfig, default_run_dir
 from kdcache.data.datasets import fingerprint, labels_sha256, open_dataset
-from kdcache.data.render import ModelInput, model_input
+from kdcache.data.render import ModelInput, image_only, model_input
 from kdcache.data.sources import SourceDataset
 from kdcache.data.views import VIEW_FIELDS, AugmentSpec, identity_views, sample_views
 from kdcache.device import autocast, pick_device, to_model_layout
@@ -23,8 +24,8 @@ from kdcache.format.spec import Layout, parse_rows
 from kdcache.format.topk import to_topk
 from kdcache.io.output import Output
 from kdcache.io.writer import ChunkWriter, Rows
-from kdcache.models import build_model, checkpoint_arch_args, load_weights
-from kdcache.progress import progress
+from kdcache.models import build_model, checkpoint_arch_args, load_weights, published_classes
+from kdcache.progress import progress, say
 from kdcache.storage.backends import Store
 
 RESUME_KEYS = ("teacher", "weights_sha256", "dataset", "split", "fingerprint", "topk", "dtype", "image_size",
@@ -62,9 +63,7 @@ class ChunkBatches:
 def _check_views(cfg: DumpConfig, ds: SourceDataset, aug: AugmentSpec) -> None:
     """Views are image crops: refused for tensors, and never V identical copies."""
     if not ds.info.is_image and (cfg.views > 1 or not aug.is_identity):
-        flag = "--views" if cfg.views > 1 else "--augment"
-        raise KDCacheError(f"{flag} applies to images, but the dataset yields {ds.info.describe()}, which reach the "
-                           f"teacher exactly as given: drop {flag}")
+        raise image_only("--views" if cfg.views > 1 else "--augment", ds.info)
     if cfg.views > 1 and aug.is_identity:
         raise KDCacheError(f"--views {cfg.views} without --augment would store {cfg.views} identical copies of each "
                            "sample: add --augment SPEC (e.g. 'rrc(0.08,1)+flip', FKD's random-resized crops and "
@@ -97,16 +96,29 @@ def _attrs(cfg: DumpConfig, ds: SourceDataset, layout: Layout, teacher_id: dict,
         rows=span, command=cfg.command)
 
 
-def _load_teacher(cfg: DumpConfig, num_classes: int, pre: ModelInput,
-                  device: torch.device) -> tuple[torch.nn.Module, dict]:
-    weights = cfg.weights
-    if weights is None:
-        raise KDCacheError(
-            f"no --weights for teacher {cfg.teacher}: pass --weights PATH (a checkpoint, e.g. from kdtrain) "
-            "or --weights DEFAULT for torchvision's published weights"
-        )
+def resolve_weights(cfg: DumpConfig, num_classes: int) -> tuple[str, str]:
+    """The teacher's weights and where they came from: --weights as given; else kdtrain's run of that name
+    (runs/NAME/best.pt, what `kdtrain --student NAME` writes); else the published weights where their classes fit."""
+    if cfg.weights is not None:
+        return cfg.weights, "--weights"
+    run = os.path.join(default_run_dir(cfg.teacher), "best.pt")
+    if os.path.isfile(run):
+        return run, f"kdtrain's run of {cfg.teacher}"
+    published = published_classes(cfg.teacher)
+    if published == num_classes:
+        return "DEFAULT", "torchvision's published weights"
+    why = (f"torchvision's published weights have {published} classes, the dataset {num_classes}"
+           if published else f"{cfg.teacher} has no published weights")
+    raise KDCacheError(f"no weights for teacher {cfg.teacher}: train it with 'kdtrain --student {cfg.teacher}' "
+                       f"(dump then finds {run}), or pass --weights PATH ({why})")
+
+
+def _load_teacher(cfg: DumpConfig, num_classes: int, pre: ModelInput, device: torch.device,
+                  show: bool) -> tuple[torch.nn.Module, dict]:
+    weights, source = resolve_weights(cfg, num_classes)
+    say(f"teacher {cfg.teacher}: weights {weights} ({source})", show)
     args = checkpoint_arch_args(weights) | cfg.teacher_args
-    model = build_model(cfg.teacher, num_classes=num_classes, input_shape=pre.input_shape, **args)
+    model = build_model(cfg.teacher, num_classes, pre.input_shape, args)
     ident = load_weights(model, weights, cfg.teacher) | {"arch_args": args}
     model.eval().to(device)
     if device.type == "cuda" and len(pre.input_shape) == 3:
@@ -129,7 +141,7 @@ def run_dump(cfg: DumpConfig) -> str:
     d = init_from_env(requested.type == "cuda")
     try:
         device = d.device(requested)
-        teacher, ident = _load_teacher(cfg, ds.info.num_classes, pre, device)
+        teacher, ident = _load_teacher(cfg, ds.info.num_classes, pre, device, cfg.progress and d.main)
         attrs = _attrs(cfg, ds, layout, ident, pre, aug, rows)
         with ExitStack() as stack:  # rank 0 holds the lock for the whole job
             d.on_main(lambda: output.prepare(layout, attrs, stack, cfg.overwrite, cfg.resume, RESUME_KEYS))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 
+from kdcache.errors import printable
 from kdcache.format.spec import row_range
 from kdcache.io.reader import Cache
 
@@ -84,14 +85,9 @@ def _pct(x: float | None) -> str:
     return "n/a" if x is None else f"{100 * x:.2f}%"
 
 
-def _safe(text: object) -> str:
-    """Attribute strings are data: control characters (newlines, ANSI escapes) are shown escaped."""
-    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in str(text))
-
-
 def _cell(text: object) -> str:
     """Safe inside a Markdown table cell (and inside a code span)."""
-    return _safe(text).replace("|", "\\|").replace("`", "'")
+    return printable(text).replace("|", "\\|").replace("`", "'")
 
 
 def _rows(s: dict) -> str:
@@ -136,8 +132,8 @@ def as_text(s: dict) -> str:
         ("command", s["command"] or "n/a"),
     ]
     width = max(len(k) for k, _ in lines)
-    out = [f"{k:>{width}}: {_safe(v)}" for k, v in lines]
-    out += [f"{'warning':>{width}}: {_safe(w)}" for w in s["warnings"]]
+    out = [f"{k:>{width}}: {printable(v)}" for k, v in lines]
+    out += [f"{'warning':>{width}}: {printable(w)}" for w in s["warnings"]]
     return "\n".join(out)
 
 
@@ -161,5 +157,5 @@ def as_markdown(s: dict) -> str:
         ("Command", f"`{s['command']}`"),
     ]
     body = "\n".join(f"| {k} | {v} |" for k, v in rows)
-    notes = "".join(f"\n> **Note:** {_safe(w)}\n" for w in s["warnings"])
-    return f"# Cache card: {_safe(os.path.basename(s['path'].rstrip('/')))}\n\n| | |\n|---|---|\n{body}\n{notes}"
+    notes = "".join(f"\n> **Note:** {printable(w)}\n" for w in s["warnings"])
+    return f"# Cache card: {printable(os.path.basename(s['path'].rstrip('/')))}\n\n| | |\n|---|---|\n{body}\n{notes}"

@@ -28,10 +28,7 @@ def _check_members(caches: list[Cache]) -> None:
     check_compatible([(c.path, c.attrs) for c in caches], ["dataset", "teacher", "layout", "views"], "join",
                      "join the range caches of one dump command (same settings, other --rows)")
     for c in caches:
-        want = (c.attrs["rows"] if c.attrs.get("rows") is not None else c.attrs["dataset"]).get("labels_sha256")
-        if labels_sha256(c.labels) != want:
-            raise KDCacheError(f"cannot join: the labels of {c.path} do not match its labels_sha256 (the cache is "
-                               f"damaged); run 'kdcache verify {c.path}'")
+        c.check_labels()
     for a, b in zip(caches, caches[1:]):
         (a0, a1), (b0, b1) = row_range(a.attrs), row_range(b.attrs)
         if b0 < a1:

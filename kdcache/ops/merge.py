@@ -8,6 +8,7 @@ largest member k (its tail recomputed).
 from __future__ import annotations
 
 import hashlib
+import math
 from contextlib import ExitStack
 
 import numpy as np
@@ -58,8 +59,10 @@ def merge(paths: list[str], out: str, mode: str = "mean-prob", temperature: floa
         raise KDCacheError("merge needs at least two caches")
     if mode not in MODES:
         raise KDCacheError(f"unknown --mode {mode!r}: use one of {', '.join(MODES)}")
+    if not (math.isfinite(temperature) and temperature > 0):
+        raise KDCacheError(f"--temperature must be a finite number greater than 0, got {temperature}")
     weights = weights or [1.0 / len(paths)] * len(paths)
-    if len(weights) != len(paths) or any(w < 0 for w in weights) or sum(weights) <= 0:
+    if len(weights) != len(paths) or not all(math.isfinite(w) and w >= 0 for w in weights) or sum(weights) <= 0:
         raise KDCacheError(f"--weights needs {len(paths)} non-negative numbers, one per cache")
     weights = [w / sum(weights) for w in weights]
     check_target(out, paths, "merge")

@@ -15,6 +15,7 @@ from kdcache.format.spec import (
     schema_problems,
     view_checksum,
 )
+from kdcache.io.reader import check_written
 from kdcache.storage.backends import Store, open_store
 
 
@@ -62,6 +63,7 @@ def _chunk(store: Store, layout: Layout, c: int, v: int, stored_crc: int) -> lis
 def verify(path: str) -> tuple[list[str], dict]:
     """All problems found (empty when sound) and a summary of what was checked."""
     try:
+        check_written(path)
         store = open_store(path, "r")
     except KDCacheError as e:
         return [str(e)], {}

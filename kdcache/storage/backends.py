@@ -116,7 +116,7 @@ def _open_handle(path: str, backend: str, mode: str) -> Any:
         import fsspec
 
         if mode != "r":
-            raise KDCacheError(f"cannot write HDF5 at a URL ({path}): write it locally, or dump to a .zarr URL")
+            raise KDCacheError(f"cannot write HDF5 at a URL ({path}): write to a .zarr, or write HDF5 locally")
         f = fsspec.open(path, "rb").open()
         return h5py.File(f, "r", rdcc_nbytes=H5_CHUNK_CACHE_BYTES), f
     return h5py.File(path, mode, rdcc_nbytes=H5_CHUNK_CACHE_BYTES)

@@ -21,7 +21,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from kdcache.config import TrainConfig
 from kdcache.data.datasets import open_dataset
-from kdcache.data.render import ModelInput, model_input
+from kdcache.data.render import ModelInput, image_only, model_input
 from kdcache.data.sources import SourceDataset
 from kdcache.data.views import AugmentSpec
 from kdcache.device import amp_dtype, autocast, pick_device, to_model_layout
@@ -29,7 +29,7 @@ from kdcache.dist import Dist, init_from_env, shutdown
 from kdcache.errors import KDCacheError
 from kdcache.io.reader import Cache, open_cache
 from kdcache.models import HeadsView, build_model, param_count
-from kdcache.progress import progress
+from kdcache.progress import progress, say
 from kdcache.train.align import check_alignment
 from kdcache.train.batches import Batch, PairedLoader
 from kdcache.train.eval import evaluate
@@ -128,10 +128,18 @@ class Trainer:
         return total, int(count)
 
 
+def epoch_line(row: dict, epochs: int) -> str:
+    """One epoch's results as a log line."""
+    extra = "" if row.get("agreement") is None else f", agrees w/ teacher {100 * row['agreement']:.1f}%"
+    ece = "" if row.get("test_ece") is None else f", ECE {row['test_ece']:.4f}"
+    return (f"epoch {row['epoch']}/{epochs}: train loss {row['train_loss']:.4f}, test top-1 {100 * row['test_top1']:.2f}%"
+            f"{ece}{extra}, {row['samples_per_s']:.0f} samples/s, {row['train_seconds']:.1f} s")
+
+
 def _open_caches(cfg: TrainConfig, stack: ExitStack) -> list[Cache]:
-    caches = [stack.enter_context(open_cache(p, require_complete=False)) for p in cfg.caches]
+    caches = [stack.enter_context(open_cache(p)) for p in cfg.caches]  # a partial cache is refused here
     for c in caches:
-        if c.complete and c.decoded_bytes() <= cfg.cache_ram:  # a partial one is refused by check_alignment
+        if c.decoded_bytes() <= cfg.cache_ram:
             c.load()
     return caches
 
@@ -166,8 +174,7 @@ def _augment(cfg: TrainConfig, ds: SourceDataset, caches: list[Cache]) -> Augmen
         for flag, on in (("--augment", cfg.augment != "none"),
                          ("--mixup", cfg.mixup > 0 and ds.info.dtype.startswith(("int", "uint", "bool")))):
             if on:
-                raise KDCacheError(f"{flag} does not apply: the dataset yields {ds.info.describe()}, which reach the "
-                                   f"student exactly as given; drop {flag}")
+                raise image_only(flag, ds.info)
     if cfg.augment == "none":
         return None
     if caches:
@@ -208,8 +215,7 @@ def _run(cfg: TrainConfig, d: Dist, device: torch.device, targets: Targets | Non
         pre = model_input(train_ds.info, image_size)
         objective = Objective(cfg.loss.resolve(targets.n_teachers))
         student_args = _student_kwargs(cfg, targets.n_teachers)
-        model = build_model(cfg.student, num_classes=train_ds.info.num_classes, input_shape=pre.input_shape,
-                            **student_args).to(device)
+        model = build_model(cfg.student, train_ds.info.num_classes, pre.input_shape, student_args).to(device)
         if device.type == "cuda" and len(pre.input_shape) == 3:
             model = model.to(memory_format=torch.channels_last)
         loader = PairedLoader(train_ds, caches, cfg.batch_size, cfg.seed, cfg.num_workers, device,
@@ -240,5 +246,6 @@ def _run(cfg: TrainConfig, d: Dist, device: torch.device, targets: Targets | Non
                    "lr": sched.get_last_lr()[0], "train_seconds": train_time,
                    "samples_per_s": seen / max(train_time, 1e-9)}
             best = run.end_epoch(row, ev, model, opt, sched, scaler, meta, best, cfg.plots)
+            say(epoch_line(row, cfg.epochs), cfg.progress and d.main)
         config = asdict(replace(cfg, loss=objective.cfg))
         return run.finish(meta, config, wall_seconds=time.perf_counter() - t0)
