@@ -123,9 +123,12 @@ def _bytes(text: str) -> int:
 @click.option("--split", type=click.Choice(["train", "test"]), default=default(DumpConfig, "split"), show_default=True)
 @click.option("--data-root", default=None, help="Where torchvision datasets live.")
 @click.option("--download", is_flag=True, help="Download a torchvision dataset that is missing.")
+@click.option("--seq-len", type=int, default=None, help="Tokens per sample of text:/tokens:/pydoc datasets.")
+@click.option("--tokenizer", default=None, help="text:/pydoc datasets: bytes (default) or hf:DIR.")
 @click.option("--out", default=default(DumpConfig, "out"), show_default=True, help="Cache path: .zarr or .h5/.hdf5.")
 @click.option("--topk", type=int, default=None, help="Keep the top-k logits (+ tail); omit for full logits.")
-@click.option("--dtype", type=click.Choice(VALUE_DTYPES), default=default(DumpConfig, "dtype"), show_default=True)
+@click.option("--dtype", type=click.Choice(["auto", *VALUE_DTYPES]), default=default(DumpConfig, "dtype"),
+              show_default=True, help="Values: auto is q8 for per-token top-k caches, else float16.")
 @click.option("--image-size", type=int, default=None, help="Teacher input size for images [default: 32 for images "
               "≤ 32 px, else 224].")
 @click.option("--batch-size", type=int, default=default(DumpConfig, "batch_size"), show_default=True)
@@ -182,6 +185,8 @@ def info(path: str, as_json: bool, markdown: bool) -> None:
 @click.option("--dataset", default=None, help="Override the dataset the cache records (default: the cache's; "
               "digits without a cache).")
 @click.option("--data-root", default=None)
+@click.option("--seq-len", type=int, default=None, help="Tokens per sample [default: the cache's].")
+@click.option("--tokenizer", default=None, help="text:/pydoc datasets: bytes or hf:DIR [default: the cache's].")
 @click.option("--image-size", type=int, default=None, help="Student input size for images [default: the "
               "teacher's].")
 @click.option("--distill-tokens", is_flag=True, help="ViT/Mixer: one distillation token and head per teacher.")

@@ -64,9 +64,11 @@ class DumpConfig:
     split: str = "train"
     data_root: str | None = None
     download: bool = False
+    seq_len: int | None = None
+    tokenizer: str | None = None
     out: str = "logits.zarr"
     topk: int | None = None
-    dtype: str = "float16"
+    dtype: str = "auto"
     image_size: int | None = None
     batch_size: int = 256
     num_workers: int = 0
@@ -88,7 +90,8 @@ class DumpConfig:
         _out("--out", self.out)
         for flag, value, low in (("--views", self.views, 1), ("--batch-size", self.batch_size, 1),
                                  ("--num-workers", self.num_workers, 0), ("--chunk-rows", self.chunk_rows, 1),
-                                 ("--topk", self.topk, 1), ("--image-size", self.image_size, 1)):
+                                 ("--topk", self.topk, 1), ("--image-size", self.image_size, 1),
+                                 ("--seq-len", self.seq_len, 1)):
             _number(flag, value, low)
 
 
@@ -137,6 +140,8 @@ class TrainConfig:
     test_cache: str | None = None
     dataset: str | None = None
     data_root: str | None = None
+    seq_len: int | None = None
+    tokenizer: str | None = None
     image_size: int | None = None
     student_args: dict = field(default_factory=dict)
     distill_tokens: bool = False
@@ -173,6 +178,7 @@ class TrainConfig:
             raise KDCacheError(f"unknown --head-mode {self.head_mode!r}: use one of {', '.join(HEAD_MODES)}")
         for flag, value, low, high in (("--epochs", self.epochs, 1, MAX_EPOCHS), ("--batch-size", self.batch_size, 1, None),
                                        ("--num-workers", self.num_workers, 0, None), ("--image-size", self.image_size, 1, None),
+                                       ("--seq-len", self.seq_len, 1, None),
                                        ("--weight-decay", self.weight_decay, 0, None), ("--clip", self.clip, 0, None),
                                        ("--mixup", self.mixup, 0, None), ("--warmup-epochs", self.warmup_epochs, 0, MAX_EPOCHS),
                                        ("--cache-ram", self.cache_ram, 0, None)):

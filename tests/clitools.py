@@ -1,7 +1,9 @@
-"""Test helpers: run the CLI in-process and hold its results to the project's promises; read caches plainly.
+"""Test helpers: build `kdcache dump` arguments, run the CLI in-process and hold its results to the project's
+promises; read caches plainly.
 
-`read_plain` and `tree_hash` use only zarr/h5py/hashlib; kdcache itself is imported only when a CLI call
-runs, so tests/test_conformance.py can share this module without importing kdcache.
+`dump_args`, `read_plain` and `tree_hash` use only the standard library, numpy, zarr and h5py; kdcache itself
+is imported only when a CLI call runs, so tests/test_conformance.py can share this module without importing
+kdcache.
 """
 
 from __future__ import annotations
@@ -11,6 +13,23 @@ import json
 from pathlib import Path
 
 import numpy as np
+
+
+def dump_args(weights, out=None, *extra, teacher: str = "mlp", image_size: int = 8, dataset: str = "digits",
+              chunk_rows: int | None = None) -> list[str]:
+    """Arguments of `kdcache dump` (the subcommand name first), every one a str.
+
+    TEACHER with WEIGHTS over DATASET at IMAGE_SIZE px, on the CPU, with --quiet; `--chunk-rows` when
+    CHUNK_ROWS is given, `--out OUT` unless OUT is None (then the dump writes its default, logits.zarr in the
+    working folder), then EXTRA as given.
+    """
+    args = ["dump", "--teacher", teacher, "--weights", weights, "--dataset", dataset, "--image-size", image_size,
+            "--device", "cpu", "--quiet"]
+    if chunk_rows is not None:
+        args += ["--chunk-rows", chunk_rows]
+    if out is not None:
+        args += ["--out", out]
+    return [str(a) for a in (*args, *extra)]
 
 
 def invoke(main, args: list) -> object:

@@ -53,9 +53,8 @@ def cli():
 
 @pytest.fixture(scope="session")
 def dump_args(teacher_weights) -> list[str]:
-    """`kdcache dump` arguments shared by every test dump (append --out and the rest)."""
-    return ["dump", "--teacher", TEACHER, "--weights", teacher_weights, "--dataset", "digits",
-            "--image-size", str(IMAGE_SIZE), "--device", "cpu", "--quiet"]
+    """clitools.dump_args for teacher_weights (mlp, digits, 16 px) without --out: append --out and the rest."""
+    return clitools.dump_args(teacher_weights, None, teacher=TEACHER, image_size=IMAGE_SIZE)
 
 
 @pytest.fixture(scope="session")
@@ -91,36 +90,39 @@ def tree_hash():
 # --- the sharing tests (test_share.py, test_remote.py): an 8 px mlp teacher and its 128-row caches ---
 
 @pytest.fixture(scope="module")
-def work(tmp_path_factory) -> Path:
+def share_dir(tmp_path_factory) -> Path:
     """The sharing tests' scratch folder (one per module)."""
     return tmp_path_factory.mktemp("share")
 
 
 @pytest.fixture(scope="module")
-def teacher(work, save_teacher):
-    """teacher(seed) -> checkpoint of a random-weights mlp (hidden=(16,)) for digits at 8 px."""
+def share_teacher(share_dir, save_teacher):
+    """share_teacher(seed) -> checkpoint of a random-weights mlp (hidden=(16,)) for digits at 8 px."""
     made: dict[int, str] = {}
 
     def make(seed: int = 0) -> str:
         if seed not in made:
-            made[seed] = save_teacher(work / f"teacher{seed}.pt", sharefix.IMAGE_SIZE, seed=seed)
+            made[seed] = save_teacher(share_dir / f"teacher{seed}.pt", sharefix.IMAGE_SIZE, seed=seed)
         return made[seed]
 
     return make
 
 
 @pytest.fixture(scope="module")
-def cache(work, teacher):
-    """cache(name, seed=0, *extra) -> a cache of digits by teacher(seed), dumped once per module (read-only)."""
+def share_cache(share_dir, share_teacher):
+    """share_cache(name, seed=0, *extra) -> a 128-row cache of digits by share_teacher(seed), dumped once per module
+    (read-only)."""
     made: dict[tuple, str] = {}
-    (work / "caches").mkdir()
+    (share_dir / "caches").mkdir()
 
     def make(name: str, seed: int = 0, *extra) -> str:
         key = (name, seed, *map(str, extra))
         if key not in made:
-            out = str(work / "caches" / name)
+            out = str(share_dir / "caches" / name)
             assert not os.path.exists(out), f"two different dumps named {name}"
-            clitools.ok(clitools.kd(*sharefix.dump_args(teacher(seed), out, *extra)))
+            args = clitools.dump_args(share_teacher(seed), out, *extra, image_size=sharefix.IMAGE_SIZE,
+                                      chunk_rows=sharefix.ROWS)
+            clitools.ok(clitools.kd(*args))
             made[key] = out
         return made[key]
 

@@ -1,6 +1,7 @@
 """Constants and helpers of the sharing tests (tests/test_share.py, tests/test_remote.py).
 
-Their fixtures `work`, `teacher` and `cache` (an 8 px mlp teacher and its caches) are in tests/conftest.py.
+Their fixtures `share_dir`, `share_teacher` and `share_cache` (an 8 px mlp teacher and its caches of ROWS-row
+chunks) are in tests/conftest.py; their `kdcache dump` arguments come from clitools.dump_args.
 """
 
 from __future__ import annotations
@@ -35,7 +36,3 @@ def make_partial(path: str, chunk: int = 5) -> None:
     a.pop("stats", None)
     g.attrs["kdcache"] = a | {"status": "partial"}
 
-
-def dump_args(weights: str, out: str, *extra) -> list[str]:
-    return ["dump", "--teacher", "mlp", "--weights", weights, "--image-size", IMAGE_SIZE, "--chunk-rows", ROWS,
-            "--device", "cpu", "--quiet", "--out", out, *extra]

@@ -1,7 +1,8 @@
 """Conformance: real caches against docs/FORMAT.md, read with plain zarr / h5py / numpy / json / zlib only.
 
 This module never imports kdcache. Its fixture makes caches in a child Python process (which
-does use kdcache); everything checked here is derived from the text of docs/FORMAT.md.
+does use kdcache) with arguments built here by clitools.dump_args (which imports no kdcache either);
+everything checked here is derived from the text of docs/FORMAT.md.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import h5py
 import numpy as np
 import pytest
 import zarr
+from clitools import dump_args
 
 FORMAT_MD = Path(__file__).resolve().parents[1] / "docs" / "FORMAT.md"
 AUG = "rrc(0.35,1)+flip"
@@ -39,23 +41,23 @@ CACHES = {
 }
 PAIRS = {"zarr-top3-test": "zarr-full-f32-test", "h5-top4-2views-lzf": "h5-full-f32-2views"}
 
-# Runs in a child process: the only place kdcache is used.
+# Runs in a child process: the only place kdcache is used. argv[1] is JSON: the teacher checkpoint to write,
+# the `kdcache dump` argument lists of the caches, the `kdcache pack` arguments and the interrupted dump's.
 MAKE_CACHES = r"""
 import json, sys
 import torch
 from kdcache.cli import kdcache_main
 from kdcache.models import build_model
 
-root, jobs = sys.argv[1], json.loads(sys.argv[2])
+job = json.loads(sys.argv[1])
 torch.manual_seed(0)
 model = build_model("mlp", num_classes=10, input_shape=(3, 16, 16), hidden=[32])
-torch.save({"model": model.state_dict(), "arch": "mlp", "arch_args": {"hidden": [32]}}, root + "/teacher.pt")
-for out, extra in jobs:
-    kdcache_main(["dump", "--teacher", "mlp", "--weights", root + "/teacher.pt", "--dataset", "digits",
-                  "--image-size", "16", "--device", "cpu", "--quiet", "--out", out, *extra], standalone_mode=False)
+torch.save({"model": model.state_dict(), "arch": "mlp", "arch_args": {"hidden": [32]}}, job["teacher"])
+for args in job["dumps"]:
+    kdcache_main(args, standalone_mode=False)
 
 # A packed (.zip) copy of one Zarr cache.
-kdcache_main(["pack", jobs[1][0], root + "/packed.zip"], standalone_mode=False)
+kdcache_main(job["pack"], standalone_mode=False)
 
 # An HDF5 dump interrupted (as by Ctrl-C) at sample 750: leaves only its staging Zarr.
 from kdcache.data.datasets import ArrayDataset, open_dataset
@@ -71,9 +73,7 @@ def interrupted(split, root=None):
     return Interrupted(d.info, d.data, d.labels, d.layout)
 
 try:
-    kdcache_main(["dump", "--teacher", "mlp", "--weights", root + "/teacher.pt", "--dataset", "__main__:interrupted",
-                  "--image-size", "16", "--device", "cpu", "--quiet", "--out", root + "/interrupted.h5", "--topk", "3",
-                  "--chunk-rows", "100"], standalone_mode=False)
+    kdcache_main(job["interrupted"], standalone_mode=False)
 except SystemExit as e:
     assert e.code == 130, e.code
 else:
@@ -85,9 +85,17 @@ else:
 def caches(tmp_path_factory) -> dict[str, str]:
     root = tmp_path_factory.mktemp("conformance")
     paths = {name: str(root / f"{name}{suffix}") for name, (suffix, _) in CACHES.items()}
-    jobs = [[paths[name], extra] for name, (_, extra) in CACHES.items()]
-    r = subprocess.run([sys.executable, "-c", MAKE_CACHES, str(root), json.dumps(jobs)],
-                       capture_output=True, text=True, timeout=300)
+    teacher = root / "teacher.pt"
+    job = {
+        "teacher": str(teacher),
+        "dumps": [dump_args(teacher, paths[name], *extra, image_size=16) for name, (_, extra) in CACHES.items()],
+        "pack": ["pack", paths[list(CACHES)[1]], str(root / "packed.zip")],
+        # digits that raise KeyboardInterrupt at sample 750 (MAKE_CACHES defines `interrupted`)
+        "interrupted": dump_args(teacher, root / "interrupted.h5", "--topk", 3, image_size=16,
+                                 dataset="__main__:interrupted", chunk_rows=100),
+    }
+    r = subprocess.run([sys.executable, "-c", MAKE_CACHES, json.dumps(job)], capture_output=True, text=True,
+                       timeout=300)
     assert r.returncode == 0, r.stderr
     # the --quiet dumps that succeed write nothing to stderr; the interrupted one writes one line
     assert r.stderr.startswith("interrupted") and len(r.stderr.splitlines()) == 1, r.stderr

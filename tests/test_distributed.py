@@ -14,6 +14,7 @@ import time
 import numpy as np
 import torch
 import zarr
+from clitools import dump_args
 
 from kdcache.models import build_model
 
@@ -82,17 +83,12 @@ def _same(a: str, b: str) -> None:
     assert gb.attrs["kdcache"]["status"] == "complete"
 
 
-def _dump_args(w: str, out: str, *extra: str) -> list[str]:
-    return ["dump", "--teacher", "mlp", "--weights", w, "--image-size", "8", "--chunk-rows", "100", "--topk", "3",
-            "--out", out, "--quiet", *extra]
-
-
 def test_two_process_dump_is_byte_identical_and_training_resumes_in_one(tmp_path):
     w = _weights(tmp_path)
-    single = subprocess.run([sys.executable, "-m", "kdcache", *_dump_args(w, "one.zarr")], cwd=tmp_path,
-                            env=_env(tmp_path), capture_output=True, text=True)
+    single = subprocess.run([sys.executable, "-m", "kdcache", *dump_args(w, "one.zarr", "--topk", 3, chunk_rows=100)],
+                            cwd=tmp_path, env=_env(tmp_path), capture_output=True, text=True)
     assert single.returncode == 0, single.stderr
-    out = _run_ok(tmp_path, *_dump_args(w, "two.zarr"))
+    out = _run_ok(tmp_path, *dump_args(w, "two.zarr", "--topk", 3, chunk_rows=100))
     assert out.count("wrote two.zarr") == 1  # rank 0 reports, once
     _same(str(tmp_path / "one.zarr"), str(tmp_path / "two.zarr"))
 
@@ -130,7 +126,7 @@ def test_killed_sharded_dump_stays_partial_and_resumes_on_other_world_size(tmp_p
             return Slow(open_dataset("digits", split))
     """))
     w = _weights(tmp_path)
-    args = _dump_args(w, "k.zarr", "--dataset", "slowdigits:make", "--batch-size", "50")
+    args = dump_args(w, "k.zarr", "--topk", 3, "--batch-size", 50, dataset="slowdigits:make", chunk_rows=100)
     p = _torchrun(tmp_path, *args)
     done = None
     deadline = time.time() + 120
@@ -154,8 +150,8 @@ def test_killed_sharded_dump_stays_partial_and_resumes_on_other_world_size(tmp_p
     fin = subprocess.run([sys.executable, "-m", "kdcache", *args, "--resume"], cwd=tmp_path, env=_env(tmp_path),
                          capture_output=True, text=True)
     assert fin.returncode == 0, fin.stderr
-    ref = subprocess.run([sys.executable, "-m", "kdcache", *_dump_args(w, "ref.zarr", "--dataset", "slowdigits:make",
-                                                                       "--batch-size", "50")],
-                         cwd=tmp_path, env=_env(tmp_path), capture_output=True, text=True)
+    ref_args = dump_args(w, "ref.zarr", "--topk", 3, "--batch-size", 50, dataset="slowdigits:make", chunk_rows=100)
+    ref = subprocess.run([sys.executable, "-m", "kdcache", *ref_args], cwd=tmp_path, env=_env(tmp_path),
+                         capture_output=True, text=True)
     assert ref.returncode == 0, ref.stderr
     _same(str(tmp_path / "ref.zarr"), str(tmp_path / "k.zarr"))

@@ -10,7 +10,7 @@ import hashlib
 
 import numpy as np
 import pytest
-from clitools import kd, ok, read_plain
+from clitools import dump_args, kd, ok, read_plain
 
 IMAGE_SIZE = 8
 HIDDEN = 16
@@ -72,6 +72,5 @@ def digests(path: str) -> dict[str, str]:
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_golden_arrays(tmp_path, fixed_teacher, name):
     out = tmp_path / name
-    ok(kd("dump", "--teacher", "mlp", "--weights", fixed_teacher, "--dataset", "digits", "--image-size",
-          IMAGE_SIZE, "--device", "cpu", "--quiet", "--out", out, *CASES[name]))
+    ok(kd(*dump_args(fixed_teacher, out, *CASES[name], image_size=IMAGE_SIZE)))
     assert digests(str(out)) == GOLDEN[name]

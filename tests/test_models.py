@@ -299,7 +299,7 @@ def test_default_weights_offline(hub_cache):
 
 
 def test_default_weights_class_count(hub_cache):
-    with pytest.raises(KDCacheError, match="have 1000 classes but the model has 10"):
+    with pytest.raises(KDCacheError, match="have 1000 classes but the dataset has 10"):
         load_weights(build_model("resnet18", 10, (3, 32, 32)), "DEFAULT", "resnet18")
 
 

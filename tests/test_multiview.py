@@ -5,10 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from click.testing import CliRunner
+from clitools import dump_args, kd, ok
 
 from kdcache.io import open_cache
-from kdcache.cli import kdcache_main
 from kdcache.data.datasets import open_dataset
 from kdcache.data.render import Preprocess, render
 from kdcache.data.views import AugmentSpec, sample_views
@@ -19,7 +18,8 @@ AUG = "rrc(0.35,1)+flip+translate(0.1)"
 
 
 @pytest.fixture(scope="module")
-def teacher(tmp_path_factory):
+def cnn_teacher(tmp_path_factory):
+    """(folder, checkpoint path, model) of a random-weights cnn_s for digits at 16 px."""
     d = tmp_path_factory.mktemp("mv")
     torch.manual_seed(1)
     model = build_model("cnn_s", num_classes=10, input_shape=(3, 16, 16)).eval()
@@ -29,13 +29,11 @@ def teacher(tmp_path_factory):
 
 
 @pytest.mark.parametrize("suffix", [".zarr", ".h5"])
-def test_replayed_views_reproduce_the_stored_logits(teacher, suffix):
-    d, w, model = teacher
+def test_replayed_views_reproduce_the_stored_logits(cnn_teacher, suffix):
+    d, w, model = cnn_teacher
     out = str(d / f"v4{suffix}")
-    r = CliRunner().invoke(kdcache_main, ["dump", "--teacher", "cnn_s", "--weights", w, "--image-size", "16",
-                                          "--views", "4", "--augment", AUG, "--seed", "7", "--chunk-rows", "256",
-                                          "--out", out, "--quiet"])
-    assert r.exit_code == 0, r.output
+    ok(kd(*dump_args(w, out, "--views", 4, "--augment", AUG, "--seed", 7, teacher="cnn_s", image_size=16,
+                     chunk_rows=256)))
     ds = open_dataset("digits", "train")
     with open_cache(out) as cache:
         assert cache.n_views == 4 and cache.attrs["views"]["augment"] == str(AugmentSpec.parse(AUG))
@@ -62,12 +60,10 @@ def test_views_cycle_through_all_before_repeating():
         assert sorted(seen[:4]) == [0, 1, 2, 3] and sorted(seen[4:]) == [0, 1, 2, 3]
 
 
-def test_streaming_reader_decodes_only_the_epochs_view(teacher):
-    d, w, _ = teacher
+def test_streaming_reader_decodes_only_the_epochs_view(cnn_teacher):
+    d, w, _ = cnn_teacher
     out = str(d / "v4s.zarr")
-    CliRunner().invoke(kdcache_main, ["dump", "--teacher", "cnn_s", "--weights", w, "--image-size", "16",
-                                      "--views", "4", "--augment", "flip", "--chunk-rows", "256", "--out", out,
-                                      "--quiet"])
+    ok(kd(*dump_args(w, out, "--views", 4, "--augment", "flip", teacher="cnn_s", image_size=16, chunk_rows=256)))
     ds = open_dataset("digits", "train")
     with open_cache(out) as cache:  # not loaded whole: streams chunk by chunk
         loader = PairedLoader(ds, [cache], batch_size=128, seed=0)

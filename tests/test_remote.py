@@ -13,9 +13,9 @@ import shutil
 import numpy as np
 import pytest
 import zarr
-from clitools import assert_same_arrays, error_line, kd, kt, ok, read_plain
+from clitools import assert_same_arrays, dump_args, error_line, kd, kt, ok, read_plain
 from servers import serve_http, serve_s3
-from sharefix import N_CHUNKS, N_TRAIN, ROWS, dump_args, make_partial, train_args, without
+from sharefix import N_CHUNKS, N_TRAIN, ROWS, make_partial, train_args, without
 
 from kdcache.io import open_cache
 
@@ -77,9 +77,9 @@ def test_range_server_answers_ranges_and_head(tmp_path):
         assert log.count("GET", "/f.bin") == 5 and log.count("HEAD", "/f.bin") == 1
 
 
-def test_http_info_verify_train_and_pack(work, cache, record_property, capsys):
-    zpath, hpath = cache("c.zarr"), cache("c.h5")
-    served = work / "www"
+def test_http_info_verify_train_and_pack(share_dir, share_cache, record_property, capsys):
+    zpath, hpath = share_cache("c.zarr"), share_cache("c.h5")
+    served = share_dir / "www"
     served.mkdir()
     shutil.copytree(zpath, served / "c.zarr")
     shutil.copyfile(hpath, served / "c.h5")
@@ -100,8 +100,8 @@ def test_http_info_verify_train_and_pack(work, cache, record_property, capsys):
 
         # one streamed epoch (nothing loaded whole): each values chunk fetched about once
         log.reset()
-        ok(kt(*train_args(f"{url}/c.zarr", work / "run-http", "--cache-ram", "0")))
-        metrics = json.loads((work / "run-http" / "metrics.json").read_text())
+        ok(kt(*train_args(f"{url}/c.zarr", share_dir / "run-http", "--cache-ram", "0")))
+        metrics = json.loads((share_dir / "run-http" / "metrics.json").read_text())
         assert len(metrics["history"]) == 1 and metrics["teachers"][0]["cache"] == f"{url}/c.zarr"
         chunk_gets = log.count("GET", pattern=r"^/c\.zarr/values/c/\d+/0/0$")
         all_gets = log.count("GET", "/c.zarr/")
@@ -114,16 +114,16 @@ def test_http_info_verify_train_and_pack(work, cache, record_property, capsys):
         assert all(n <= 2 for n in log.paths("GET", "/c.zarr/values/c/").values())
 
         # pack straight from the URL: the same cache as packing the local copy
-        ok(kd("pack", f"{url}/c.zarr", work / "from-url.zip"))
-    a, b = read_plain(str(work / "from-url.zip")), read_plain(str(served / "c.zip"))
+        ok(kd("pack", f"{url}/c.zarr", share_dir / "from-url.zip"))
+    a, b = read_plain(str(share_dir / "from-url.zip")), read_plain(str(served / "c.zip"))
     assert_same_arrays(a[0], b[0])
     assert a[1] == b[1]
 
 
-def test_http_zarr_without_directory_listing(work, cache):
+def test_http_zarr_without_directory_listing(share_dir, share_cache):
     """Static hosts (CDNs, object-store websites, nginx without autoindex) 404 directory URLs; zarr.json is there."""
-    served = work / "www-nolist"
-    shutil.copytree(cache("c.zarr"), served / "c.zarr")
+    served = share_dir / "www-nolist"
+    shutil.copytree(share_cache("c.zarr"), served / "c.zarr")
     with serve_http(str(served), listing=False) as (url, _):
         g = zarr.open_group(f"{url}/c.zarr", mode="r")           # plain zarr reads it fine
         assert dict(g.attrs["kdcache"])["n"] == N_TRAIN
@@ -132,9 +132,9 @@ def test_http_zarr_without_directory_listing(work, cache):
 
 # --- 2. S3 ---------------------------------------------------------------------------------------
 
-def test_s3_dump_info_verify_train_resume_overwrite(s3, work, cache, teacher):
+def test_s3_dump_info_verify_train_resume_overwrite(s3, share_dir, share_cache, share_teacher):
     url = "s3://bucket/c.zarr"
-    args = dump_args(teacher(0), url)
+    args = dump_args(share_teacher(0), url, chunk_rows=ROWS)
     ok(kd(*args))
     assert s3.exists("bucket/c.zarr/zarr.json") and s3.exists("bucket/c.zarr/values/c/11/0/0")
     assert not s3.exists("bucket/c.zarr.lock")
@@ -143,7 +143,7 @@ def test_s3_dump_info_verify_train_resume_overwrite(s3, work, cache, teacher):
     assert ok(kd("verify", url)).startswith(f"ok: {url}: {N_TRAIN} samples, {N_CHUNKS} chunks")
 
     # the same arrays and attributes as the same dump written locally
-    local = cache("c.zarr")
+    local = share_cache("c.zarr")
     with open_cache(url) as remote, open_cache(local) as here:
         assert remote.complete and here.complete
         assert without(remote.attrs, "created", "command") == without(here.attrs, "created", "command")
@@ -163,8 +163,8 @@ def test_s3_dump_info_verify_train_resume_overwrite(s3, work, cache, teacher):
             if meta.endswith("zarr.json"):
                 assert secret.encode() not in s3.cat_file(meta), meta
 
-    ok(kt(*train_args(url, work / "run-s3", "--cache-ram", "0")))
-    assert json.loads((work / "run-s3" / "metrics.json").read_text())["teachers"][0]["cache"] == url
+    ok(kt(*train_args(url, share_dir / "run-s3", "--cache-ram", "0")))
+    assert json.loads((share_dir / "run-s3" / "metrics.json").read_text())["teachers"][0]["cache"] == url
 
     # a second dump without flags is refused, and so is --resume of a complete cache; nothing changes
     before = {p: s3.info(p)["ETag"] for p in s3.find("bucket/c.zarr")}
@@ -180,8 +180,8 @@ def test_s3_dump_info_verify_train_resume_overwrite(s3, work, cache, teacher):
     s3.invalidate_cache()
     line = error_line(kd(*args))
     assert "holds a partial dump" in line and "--resume" in line
-    assert "batch_size" in error_line(kd(*dump_args(teacher(0), url, "--batch-size", 64, "--resume")))
-    line = error_line(kt(*train_args(url, work / "run-partial", "--cache-ram", "0")))
+    assert "batch_size" in error_line(kd(*args, "--batch-size", 64, "--resume"))
+    line = error_line(kt(*train_args(url, share_dir / "run-partial", "--cache-ram", "0")))
     assert "partial cache (11 of 12 chunks" in line and "--resume" in line
     ok(kd(*args, "--resume"))
     assert ok(kd("verify", url)).startswith("ok: ")
@@ -190,13 +190,13 @@ def test_s3_dump_info_verify_train_resume_overwrite(s3, work, cache, teacher):
         assert remote.attrs["stats"] == here.attrs["stats"]
 
     # pack straight from S3: the same arrays and attributes as the local dump
-    ok(kd("pack", url, work / "from-s3.zip"))
-    (sa, sattrs), (la, lattrs) = read_plain(str(work / "from-s3.zip")), read_plain(local)
+    ok(kd("pack", url, share_dir / "from-s3.zip"))
+    (sa, sattrs), (la, lattrs) = read_plain(str(share_dir / "from-s3.zip")), read_plain(local)
     assert_same_arrays(sa, la)
     assert without(sattrs, "created", "command") == without(lattrs, "created", "command")
 
     # --overwrite with another layout replaces the cache whole: no chunk object of the old layout is left
-    ok(kd(*dump_args(teacher(0), url, "--overwrite"), "--chunk-rows", 512))
+    ok(kd(*dump_args(share_teacher(0), url, "--overwrite", chunk_rows=512)))
     s3.invalidate_cache()
     keys = [p[len("bucket/c.zarr/"):] for p in s3.find("bucket/c.zarr")]
     assert sorted(k for k in keys if k.startswith("values/c/")) == [f"values/c/{c}/0/0" for c in (0, 1, 2)], keys
@@ -207,30 +207,30 @@ def test_s3_dump_info_verify_train_resume_overwrite(s3, work, cache, teacher):
     assert ok(kd("verify", url)).startswith(f"ok: {url}: {N_TRAIN} samples, 3 chunks")
 
 
-def test_s3_range_dumps_joined_on_s3_equal_the_local_dump(s3, cache, teacher):
+def test_s3_range_dumps_joined_on_s3_equal_the_local_dump(s3, share_cache, share_teacher):
     """Two machines without shared disk: each dumps a range to the bucket, then join writes the whole cache there."""
     parts = ["s3://bucket/part1.zarr", "s3://bucket/part0.zarr"]
-    ok(kd(*dump_args(teacher(0), parts[1], "--rows", f":{6 * ROWS}")))
-    ok(kd(*dump_args(teacher(0), parts[0], "--rows", f"{6 * ROWS}:")))
+    ok(kd(*dump_args(share_teacher(0), parts[1], "--rows", f":{6 * ROWS}", chunk_rows=ROWS)))
+    ok(kd(*dump_args(share_teacher(0), parts[0], "--rows", f"{6 * ROWS}:", chunk_rows=ROWS)))
     url = "s3://bucket/joined.zarr"
     assert ok(kd("join", *parts, "--out", url)).strip() == f"wrote {url} (rows 0:{N_TRAIN}, all of the dataset)"
     assert ok(kd("verify", url)).startswith(f"ok: {url}: {N_TRAIN} samples, {N_CHUNKS} chunks")
-    with open_cache(url) as remote, open_cache(cache("c.zarr")) as here:
+    with open_cache(url) as remote, open_cache(share_cache("c.zarr")) as here:
         assert remote.attrs["rows"] is None and remote.attrs["stats"] == here.attrs["stats"]
         for name in ("values", "labels", "views", "done", "checksum"):
             x, y = np.asarray(remote.store[name][...]), np.asarray(here.store[name][...])
             assert x.dtype == y.dtype and x.tobytes() == y.tobytes(), name
 
 
-def test_s3_refusals_are_clean(s3, teacher):
-    line = error_line(kd(*dump_args(teacher(0), "s3://bucket/c.h5")))
+def test_s3_refusals_are_clean(s3, share_teacher):
+    line = error_line(kd(*dump_args(share_teacher(0), "s3://bucket/c.h5", chunk_rows=ROWS)))
     assert "cannot write HDF5 at a URL" in line
     line = error_line(kd("info", "s3://bucket/missing.zarr"))
     assert "no cache at s3://bucket/missing.zarr" in line
 
 
-def test_convert_to_s3_url_works_or_refuses_cleanly(s3, cache):
-    r = kd("convert", cache("c.zarr"), "s3://bucket/converted.zarr")
+def test_convert_to_s3_url_works_or_refuses_cleanly(s3, share_cache):
+    r = kd("convert", share_cache("c.zarr"), "s3://bucket/converted.zarr")
     if r.exit_code == 0:
         assert ok(kd("verify", "s3://bucket/converted.zarr")).startswith("ok: ")
     else:

@@ -14,14 +14,15 @@ import h5py
 import numpy as np
 import pytest
 import zarr
-from clitools import assert_same_arrays, error_line, kd, kt, ok, read_plain, tree_hash
-from sharefix import N_TEST, N_TRAIN, C, dump_args, make_partial, train_args, without
+from clitools import assert_same_arrays, dump_args, error_line, kd, kt, ok, read_plain, tree_hash
+from sharefix import N_TEST, N_TRAIN, ROWS, C, make_partial, train_args, without
 
+from kdcache.format.spec import READER_MAJOR
 from kdcache.io import open_cache
 from kdcache.ops.convert import differences
 from kdcache.storage.backends import open_store
 
-PER_VIEW = ("values", "indices", "tail", "views")
+NEWER_MAJOR = f"{READER_MAJOR + 1}.0"  # a major version newer than this kdcache reads
 
 
 # --- helpers -------------------------------------------------------------------------------------
@@ -69,18 +70,21 @@ def logsumexp(z: np.ndarray, axis: int = -1) -> np.ndarray:
 
 # --- local output --------------------------------------------------------------------------------
 
-def test_kdtrain_on_partial_cache_says_partial_with_default_cache_ram(work, cache):
-    part = str(work / "partial-for-train.zarr")
-    shutil.copytree(cache("c.zarr"), part)
+def test_kdtrain_on_partial_cache_says_partial_with_default_cache_ram(share_dir, share_cache):
+    part = str(share_dir / "partial-for-train.zarr")
+    shutil.copytree(share_cache("c.zarr"), part)
     make_partial(part)
-    line = error_line(kt(*train_args(part, work / "run-partial-ram")))
+    line = error_line(kt(*train_args(part, share_dir / "run-partial-ram")))
     assert "partial cache" in line and "--resume" in line, line
 
 
 @pytest.mark.parametrize("command", ["dump", "convert"])
-def test_output_in_missing_directory_works_or_fails_cleanly(work, cache, teacher, command):
-    out = work / f"missing-dir-{command}" / ("x.zarr" if command == "dump" else "x.h5")
-    r = kd(*dump_args(teacher(0), out)) if command == "dump" else kd("convert", cache("c.zarr"), out)
+def test_output_in_missing_directory_works_or_fails_cleanly(share_dir, share_cache, share_teacher, command):
+    out = share_dir / f"missing-dir-{command}" / ("x.zarr" if command == "dump" else "x.h5")
+    if command == "dump":
+        r = kd(*dump_args(share_teacher(0), out, chunk_rows=ROWS))
+    else:
+        r = kd("convert", share_cache("c.zarr"), out)
     if r.exit_code == 0:
         assert ok(kd("verify", out)).startswith("ok: ")
     else:
@@ -89,9 +93,9 @@ def test_output_in_missing_directory_works_or_fails_cleanly(work, cache, teacher
 
 # --- 3. pack and convert -------------------------------------------------------------------------
 
-def test_pack_then_read_is_equal(work, cache):
-    src = cache("c.zarr")
-    z = str(work / "packed.zip")
+def test_pack_then_read_is_equal(share_dir, share_cache):
+    src = share_cache("c.zarr")
+    z = str(share_dir / "packed.zip")
     ok(kd("pack", src, z))
     a, b = open_store(src), open_store(z)
     try:
@@ -117,18 +121,18 @@ def test_pack_then_read_is_equal(work, cache):
     assert "--overwrite" in error_line(kd("pack", src, z))
     assert tree_hash(z) == before
     ok(kd("pack", src, z, "--overwrite"))
-    part = str(work / "partial-for-pack.zarr")
+    part = str(share_dir / "partial-for-pack.zarr")
     shutil.copytree(src, part)
     make_partial(part)
-    assert "partial" in error_line(kd("pack", part, work / "partial.zip"))
-    assert not os.path.exists(work / "partial.zip")
-    assert "pack writes a .zip" in error_line(kd("pack", src, work / "nozip.zarr"))
+    assert "partial" in error_line(kd("pack", part, share_dir / "partial.zip"))
+    assert not os.path.exists(share_dir / "partial.zip")
+    assert "pack writes a .zip" in error_line(kd("pack", src, share_dir / "nozip.zarr"))
 
 
-def test_convert_zarr_h5_zarr_lossless(work, cache):
-    src = cache("c.zarr")
-    h5 = str(work / "conv.h5")
-    back = str(work / "conv-back.zarr")
+def test_convert_zarr_h5_zarr_lossless(share_dir, share_cache):
+    src = share_cache("c.zarr")
+    h5 = str(share_dir / "conv.h5")
+    back = str(share_dir / "conv-back.zarr")
     ok(kd("convert", src, h5))
     ok(kd("convert", h5, back))
     (za, aa), (ha, ah), (ba, ab) = read_plain(src), read_plain(h5), read_plain(back)
@@ -141,16 +145,16 @@ def test_convert_zarr_h5_zarr_lossless(work, cache):
         assert ok(kd("verify", p)).startswith("ok: ")
         assert not os.path.exists(p + ".tmp")
     # with another compressor: attributes differ in `compressor` only
-    other = str(work / "conv-zstd.zarr")
+    other = str(share_dir / "conv-zstd.zarr")
     ok(kd("convert", src, other, "--compressor", "zstd"))
     oa, oattrs = read_plain(other)
     assert_same_arrays(za, oa)
     assert oattrs["compressor"] == "zstd" and without(oattrs, "compressor") == without(aa, "compressor")
 
 
-def test_convert_refusals(work, cache):
-    src = cache("c.zarr")
-    dest = str(work / "exists.h5")
+def test_convert_refusals(share_dir, share_cache):
+    src = share_cache("c.zarr")
+    dest = str(share_dir / "exists.h5")
     ok(kd("convert", src, dest))
     for target in (dest, src):
         before = tree_hash(target)
@@ -160,14 +164,14 @@ def test_convert_refusals(work, cache):
     ok(kd("convert", src, dest, "--overwrite"))
     assert read_plain(dest)[0]["values"].tobytes() == read_plain(src)[0]["values"].tobytes()
 
-    part = str(work / "partial.zarr")
+    part = str(share_dir / "partial.zarr")
     shutil.copytree(src, part)
     make_partial(part)
     for out in ("partial.h5", "partial-copy.zarr"):
-        line = error_line(kd("convert", part, work / out))
+        line = error_line(kd("convert", part, share_dir / out))
         assert "partial" in line and "--resume" in line
-        assert not os.path.exists(work / out) and not os.path.exists(work / (out + ".tmp"))
-    assert "kdcache pack" in error_line(kd("convert", src, work / "x.zip"))
+        assert not os.path.exists(share_dir / out) and not os.path.exists(share_dir / (out + ".tmp"))
+    assert "kdcache pack" in error_line(kd("convert", src, share_dir / "x.zip"))
 
 
 # --- 4. merge ------------------------------------------------------------------------------------
@@ -177,14 +181,14 @@ def _values(path: str) -> np.ndarray:
     return read_plain(path)[0]["values"]
 
 
-def test_merge_mean_prob_and_mean_logit(work, cache):
-    a, b = cache("a.zarr", 0), cache("b.zarr", 1)
+def test_merge_mean_prob_and_mean_logit(share_dir, share_cache):
+    a, b = share_cache("a.zarr", 0), share_cache("b.zarr", 1)
     z1, z2 = _values(a), _values(b)
     assert z1.dtype == z2.dtype == np.float16 and not np.array_equal(z1, z2)
     z1, z2 = z1[:, 0].astype(np.float64), z2[:, 0].astype(np.float64)
 
     T = 2.0
-    out = str(work / "mean-prob.zarr")
+    out = str(share_dir / "mean-prob.zarr")
     ok(kd("merge", a, b, "--out", out, "--mode", "mean-prob", "--temperature", T))
     arrays, attrs = read_plain(out)
     want = T * np.logaddexp(np.log(0.5) + log_softmax(z1 / T), np.log(0.5) + log_softmax(z2 / T))
@@ -200,7 +204,7 @@ def test_merge_mean_prob_and_mean_logit(work, cache):
     assert np.array_equal(arrays["labels"], read_plain(a)[0]["labels"])
     assert ok(kd("verify", out)).startswith("ok: ")
 
-    out = str(work / "mean-logit.zarr")
+    out = str(share_dir / "mean-logit.zarr")
     ok(kd("merge", a, b, "--out", out, "--mode", "mean-logit", "--weights", "3,1"))
     arrays, attrs = read_plain(out)
     assert_f16_close(arrays["values"][:, 0], 0.75 * z1 + 0.25 * z2)
@@ -209,16 +213,16 @@ def test_merge_mean_prob_and_mean_logit(work, cache):
     assert "--overwrite" in error_line(kd("merge", a, b, "--out", out))
 
 
-def test_merge_refuses_different_datasets(work, cache):
-    a, t = cache("a.zarr", 0), cache("a-test.zarr", 0, "--split", "test")
-    out = work / "mixed.zarr"
+def test_merge_refuses_different_datasets(share_dir, share_cache):
+    a, t = share_cache("a.zarr", 0), share_cache("a-test.zarr", 0, "--split", "test")
+    out = share_dir / "mixed.zarr"
     line = error_line(kd("merge", a, t, "--out", out))
     assert "dataset n differs" in line and str(N_TRAIN) in line and str(N_TEST) in line
     assert not os.path.exists(out)
 
 
-def test_merge_with_topk_member_follows_documented_rule(work, cache):
-    a, b3 = cache("a.zarr", 0), cache("b-top3.zarr", 1, "--topk", 3)
+def test_merge_with_topk_member_follows_documented_rule(share_dir, share_cache):
+    a, b3 = share_cache("a.zarr", 0), share_cache("b-top3.zarr", 1, "--topk", 3)
     k = 3
     arr_b, attrs_b = read_plain(b3)
     assert attrs_b["kind"] == "topk" and attrs_b["k"] == k
@@ -229,7 +233,7 @@ def test_merge_with_topk_member_follows_documented_rule(work, cache):
     np.put_along_axis(z2, idx.astype(np.int64), vals, axis=1)
 
     T = 2.0
-    out = str(work / "merged-topk.zarr")
+    out = str(share_dir / "merged-topk.zarr")
     ok(kd("merge", a, b3, "--out", out, "--temperature", T))
     arrays, attrs = read_plain(out)
     assert attrs["kind"] == "topk" and attrs["k"] == k and "tail − log(C−k)" in attrs["merge"]["topk_rule"]
@@ -248,12 +252,12 @@ def test_merge_with_topk_member_follows_documented_rule(work, cache):
 # --- 5. versioning -------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def versioned(work, cache):
+def versioned(share_dir, share_cache):
     """copy(version, suffix) -> a copy of the train cache whose attributes say `version`."""
 
     def make(version: str, suffix: str = ".zarr") -> str:
-        src = cache("c" + suffix)
-        dst = str(work / f"v{version}{suffix}")
+        src = share_cache("c" + suffix)
+        dst = str(share_dir / f"v{version}{suffix}")
         if not os.path.exists(dst):
             (shutil.copytree if suffix == ".zarr" else shutil.copyfile)(src, dst)
             set_attrs(dst, version=version)
@@ -264,20 +268,20 @@ def versioned(work, cache):
 
 @pytest.mark.parametrize("suffix", [".zarr", ".h5"])
 @pytest.mark.parametrize("command", ["info", "verify", "kdtrain"])
-def test_newer_major_version_refused(versioned, work, command, suffix):
-    path = versioned("3.0", suffix)
+def test_newer_major_version_refused(versioned, share_dir, command, suffix):
+    path = versioned(NEWER_MAJOR, suffix)
     if command == "kdtrain":
-        r = kt(*train_args(path, work / f"run-v3{suffix}"))
+        r = kt(*train_args(path, share_dir / f"run-newer-major{suffix}"))
     else:
         r = kd(command, path)
     line = error_line(r, problem_lines=command == "verify")
     if command == "verify":  # verify lists each problem on its own line, then one summary error line
         assert "failed verification (1 problem(s))" in line
         line = next(ln for ln in r.stderr.splitlines() if ln.startswith(f"{path}: "))
-    assert "version 3.0" in line and "upgrade kdcache" in line, line
+    assert f"version {NEWER_MAJOR}" in line and "upgrade kdcache" in line, line
 
 
-def test_newer_minor_version_read(versioned, work):
+def test_newer_minor_version_read(versioned, share_dir):
     path = versioned("1.7")
     # a minor version only adds: an unknown key and an unknown optional array must be ignored
     g = zarr.open_group(path, mode="r+")
@@ -285,5 +289,5 @@ def test_newer_minor_version_read(versioned, work):
     g.create_array("future_array", shape=(4,), dtype="int8", fill_value=0)
     assert "kdcache 1.7" in ok(kd("info", path))
     assert ok(kd("verify", path)).startswith(f"ok: {path}: {N_TRAIN} samples")
-    ok(kt(*train_args(path, work / "run-v17")))
+    ok(kt(*train_args(path, share_dir / "run-v17")))
     assert ok(kd("info", versioned("1.7", ".h5"))).count("kdcache 1.7") == 1

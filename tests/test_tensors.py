@@ -74,7 +74,7 @@ def test_image_options_are_refused_for_tensors(pipeline, tmp_path, flags, words)
 
 def test_kdtrain_refuses_image_options_for_tensors(tmp_path):
     base = ["--dataset", DATA, "--student", "mlp", "--epochs", 1, "--device", "cpu", "--quiet", "--out", tmp_path]
-    assert "--augment does not apply" in error_line(kt(*base, "--augment", "flip"))
+    assert "--augment applies to images" in error_line(kt(*base, "--augment", "flip"))
     assert "--image-size applies to images" in error_line(kt(*base, "--image-size", 16))
 
 

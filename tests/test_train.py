@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
+from clitools import dump_args
 
 from kdcache.io import open_cache
 from kdcache.cli import kdcache_main, kdtrain_main
@@ -22,8 +23,8 @@ from kdcache.train.batches import to_target
 FAST = ["--quiet", "--no-plots", "--batch-size", "256"]
 
 
-def _run(cli, args: list[str], ok: bool = True):
-    r = CliRunner().invoke(cli, args, catch_exceptions=False)
+def _run(main, args: list[str], ok: bool = True):
+    r = CliRunner().invoke(main, args, catch_exceptions=False)
     if ok:
         assert r.exit_code == 0, r.output
     return r
@@ -44,15 +45,15 @@ def cache_dir(tmp_path_factory):
     w = _teacher_ckpt(d)
     for split in ("train", "test"):
         for name, extra in (("full", []), ("top3", ["--topk", "3"])):
-            _run(kdcache_main, ["dump", "--teacher", "cnn_s", "--weights", w, "--image-size", "16", "--split", split,
-                                "--out", str(d / f"{split}-{name}.zarr"), "--quiet", *extra])
+            _run(kdcache_main, dump_args(w, d / f"{split}-{name}.zarr", "--split", split, *extra, teacher="cnn_s",
+                                         image_size=16))
     return d
 
 
 def test_dump_then_kdtrain_vit_ti_as_the_readme_says(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     w = _teacher_ckpt(tmp_path, "resnet18", image_size=16)
-    _run(kdcache_main, ["dump", "--teacher", "resnet18", "--weights", w, "--image-size", "16", "--quiet"])
+    _run(kdcache_main, dump_args(w, None, teacher="resnet18", image_size=16))  # no --out: logits.zarr
     r = _run(kdtrain_main, ["--cache", "logits.zarr", "--student", "vit_ti", "--epochs", "1",
                               "--student-arg", "patch_size=8", *FAST])
     m = json.load(open("runs/vit_ti/metrics.json"))
@@ -71,9 +72,9 @@ def test_no_teacher_is_built_or_loaded_during_kdtrain(cache_dir, tmp_path, monke
     built = []
     real = loop.build_model
 
-    def spy(name, **kw):
+    def spy(name, *a, **kw):
         built.append(name)
-        return real(name, **kw)
+        return real(name, *a, **kw)
 
     def no_weights(*a, **k):
         raise AssertionError("kdtrain loaded teacher weights")
@@ -89,8 +90,7 @@ def test_no_teacher_is_built_or_loaded_during_kdtrain(cache_dir, tmp_path, monke
 def test_cached_kd_equals_online_kd(tmp_path, dtype, tol):
     w = _teacher_ckpt(tmp_path)
     out = str(tmp_path / "c.zarr")
-    _run(kdcache_main, ["dump", "--teacher", "cnn_s", "--weights", w, "--image-size", "16", "--out", out,
-                        "--dtype", dtype, "--quiet"])
+    _run(kdcache_main, dump_args(w, out, "--dtype", dtype, teacher="cnn_s", image_size=16))
     teacher = build_model("cnn_s", num_classes=10, input_shape=(3, 16, 16))
     teacher.load_state_dict(torch.load(w, weights_only=True)["model"])
     teacher.eval()
@@ -146,8 +146,7 @@ def test_two_teachers_with_distillation_tokens(cache_dir, tmp_path):
     ck = torch.load(out / "last.pt", weights_only=True)
     assert ck["model"]["tokens"].shape[1] == 3  # class token + one per teacher
     assert ck["arch_args"] == {"distill_tokens": 2, "head_mode": "mean"}  # as built, so it can be rebuilt
-    _run(kdcache_main, ["dump", "--teacher", "vit_nano", "--weights", str(out / "last.pt"), "--image-size", "16",
-                        "--out", str(tmp_path / "from-student.zarr"), "--quiet"])
+    _run(kdcache_main, dump_args(out / "last.pt", tmp_path / "from-student.zarr", teacher="vit_nano", image_size=16))
 
 
 def test_resume_continues_to_the_same_result(cache_dir, tmp_path):
@@ -167,13 +166,13 @@ def test_plain_supervised_checkpoint_dumps(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     _run(kdtrain_main, ["--student", "mlp", "--student-arg", "hidden=(16,)", "--image-size", "16", "--epochs", "1",
                         "--out", "teacher", *FAST])
-    _run(kdcache_main, ["dump", "--teacher", "mlp", "--weights", "teacher/best.pt", "--image-size", "16", "--quiet"])
+    _run(kdcache_main, dump_args("teacher/best.pt", None, teacher="mlp", image_size=16))  # no --out: logits.zarr
     with open_cache("logits.zarr") as c:
         assert c.attrs["teacher"]["arch_args"] == {"hidden": [16]}
 
 
-def _error(cli, args):
-    r = CliRunner().invoke(cli, args)
+def _error(main, args):
+    r = CliRunner().invoke(main, args)
     assert r.exit_code == 1, r.output
     lines = r.output.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: "), r.output

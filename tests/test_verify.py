@@ -284,7 +284,7 @@ CORRUPTIONS = {
     "zarr-attr-chunk-rows-wrong": ("raw.zarr", lambda p: _zarr_attrs(p, _set(chunk_rows=64)),
                                    [r"done: shape \(12,\) dtype uint8, expected shape \(23,\)"], [], [SHAPE]),
     "zarr-attr-version-9": ("raw.zarr", lambda p: _zarr_attrs(p, _set(version="9.0")),
-                            [r"format version 9\.0, newer than this kdcache reads \(up to 2\.x\); upgrade"], []),
+                            [r"format version 9\.0, newer than this kdcache reads \(up to \d+\.x\); upgrade"], []),
     "zarr-attr-version-garbage": ("raw.zarr", lambda p: _zarr_attrs(p, _set(version="abc")),
                                   [r"format version abc"], []),
     "zarr-attr-not-kdcache": ("raw.zarr", lambda p: _zarr_attrs(p, _set(format="something-else")),
@@ -351,32 +351,21 @@ def test_impossible_layout_attributes_are_one_clean_line(sound, tmp_path, change
 
 DAMAGED_METADATA = {
     "attr-n-not-a-number": (
-        lambda p: _zarr_attrs(p, _set(n="abc")), r"attributes: n should be int, found str",
-        ("kdcache bug: verify.py verify() calls Layout.from_attrs (format.py, int(a['n'])) even when _schema found "
-        "a mistyped field, so n='abc' raises ValueError with a traceback")),
+        lambda p: _zarr_attrs(p, _set(n="abc")), r"attributes: n should be int, found str"),
     "attr-dataset-not-a-dict": (
-        lambda p: _zarr_attrs(p, _set(dataset="digits")), r"attributes: dataset should be dict, found str",
-        ("kdcache bug: verify.py line ~101 calls attrs['dataset'].get(...) after _schema reported dataset is not a "
-        "dict: AttributeError traceback")),
+        lambda p: _zarr_attrs(p, _set(dataset="digits")), r"attributes: dataset should be dict, found str"),
     "attrs-not-json": (
-        lambda p: zarr.open_group(p, mode="r+").attrs.__setitem__("kdcache", "{garbage"), r"kdcache",
-        ("kdcache bug: store.py Store.attrs json.loads()s a string-valued 'kdcache' attribute without catching "
-        "ValueError, so a damaged attribute is a JSONDecodeError traceback (verify, info, dump, kdtrain)")),
+        lambda p: zarr.open_group(p, mode="r+").attrs.__setitem__("kdcache", "{garbage"), r"kdcache"),
     "values-array-metadata-deleted": (
-        lambda p: os.remove(os.path.join(p, "values", "zarr.json")), r"values: array missing",
-        ("kdcache bug: verify.py _chunk reads rows['values'] whenever 'indices' is present; with the values array "
-        "gone (top-k cache) that is a KeyError traceback: verify() should skip chunk checks when any per-view "
-        "array is missing or mis-shaped")),
+        lambda p: os.remove(os.path.join(p, "values", "zarr.json")), r"values: array missing"),
     "array-metadata-garbage": (
-        lambda p: Path(p, "tail", "zarr.json").write_text("{not json"), r"tail",
-        ("kdcache bug: verify.py _arrays does `name in store` / store[name] unguarded; a damaged array zarr.json "
-        "raises zarr's JSONDecodeError with a traceback instead of a 'tail: cannot be opened' problem")),
+        lambda p: Path(p, "tail", "zarr.json").write_text("{not json"), r"tail"),
 }
 
 
 @pytest.mark.parametrize("case", list(DAMAGED_METADATA))
 def test_damaged_metadata_is_reported_not_a_traceback(sound, tmp_path, case):
-    damage, pattern, _ = DAMAGED_METADATA[case]
+    damage, pattern = DAMAGED_METADATA[case]
     path = _copy(sound["raw.zarr"], tmp_path)
     damage(path)
     report = _verify_failure(path)

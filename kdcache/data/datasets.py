@@ -32,6 +32,18 @@ Specs understood by :func:`open_dataset`:
     Images are decoded with PIL, converted to RGB, resized (shorter side to
     256, antialiased bilinear) and centre-cropped to 256 x 256.  ``raw_bytes``
     is the file's bytes.
+``text:PATH``, ``tokens:DIR``, ``pydoc``
+    Token sequences for language-model distillation (see :mod:`kdcache.data.text`): ``seq_len`` (``--seq-len``)
+    tokens per sample, one next-token label per position (label ``j`` is the token after position ``j``).
+    ``text:PATH`` is a UTF-8 file or folder, tokenized by ``tokenizer`` (``None``/``"bytes"``: UTF-8 bytes, or
+    ``"hf:DIR"``), split deterministically: the first ``n - n // 10`` token ids are ``train``, the last
+    ``n // 10`` ``test``.  ``tokens:DIR`` reads nanoGPT-style ``train.bin``/``val.bin`` with ``DIR/meta.json``
+    (``vocab_size``, ``dtype``).  ``pydoc`` is the English reference text that ships with Python
+    (``pydoc_data.topics``), split as ``text:``.
+``agreement``
+    Synthetic subject-verb number agreement (see :mod:`kdcache.data.agreement`): word-id prefixes up to the verb,
+    left-padded to 23, labelled with the verb's number (singular/plural); 10 000 train / 3000 test sentences,
+    ``ds.attractors`` per sample (0..4).  Generated, so it needs no files and no network.
 ``package.module:factory``
     ``factory(split=split, root=data_root)`` is imported and called.  It may
     return a :class:`SourceDataset` (used as is) or any map-style torch
@@ -53,6 +65,7 @@ from typing import Any, Callable
 import numpy as np
 from torch import Tensor
 
+from kdcache.data.agreement import open_agreement
 from kdcache.data.sources import (
     ArrayDataset,
     DatasetInfo,
@@ -60,6 +73,7 @@ from kdcache.data.sources import (
     SourceDataset,
     WrappedDataset,
 )
+from kdcache.data.text import open_pydoc, open_text, open_tokens
 from kdcache.errors import KDCacheError
 
 SPLITS = ("train", "test")
@@ -74,7 +88,8 @@ _TORCHVISION = {
     "mnist": ("MNIST", "MNIST"),
     "fashionmnist": ("FashionMNIST", "FashionMNIST"),
 }
-_SPEC_FORMS = ("imagefolder:PATH", "package.module:factory")
+_SPEC_FORMS = ("imagefolder:PATH", "text:PATH", "tokens:DIR", "package.module:factory")
+_SEQUENCE_TEXT = ("pydoc",)  # built-ins that take --seq-len and --tokenizer (besides text:)
 
 
 # --------------------------------------------------------------------------- openers
@@ -89,10 +104,10 @@ def default_data_root() -> str:
 def dataset_names() -> list[str]:
     """The built-in dataset names.
 
-    Besides these, ``open_dataset`` takes the forms ``imagefolder:PATH`` and
-    ``package.module:factory``.
+    Besides these, ``open_dataset`` takes the forms ``imagefolder:PATH``,
+    ``text:PATH``, ``tokens:DIR`` and ``package.module:factory``.
     """
-    return ["digits", *_TORCHVISION]
+    return ["digits", *_TORCHVISION, "pydoc", "agreement"]
 
 
 def _valid_specs_text() -> str:
@@ -252,13 +267,16 @@ def _open_factory(spec: str, split: str, data_root: str | None) -> SourceDataset
     return inner if isinstance(inner, SourceDataset) else WrappedDataset(spec, split, inner)
 
 
-def open_dataset(spec: str, split: str = "train", data_root: str | None = None, download: bool = False
-                 ) -> SourceDataset:
+def open_dataset(spec: str, split: str = "train", data_root: str | None = None, download: bool = False,
+                 seq_len: int | None = None, tokenizer: Any = None) -> SourceDataset:
     """Open ``spec``'s ``split`` (see the module docstring for the specs).
 
     ``data_root`` is where torchvision datasets live (default
     :func:`default_data_root`) and what factories receive as ``root``;
-    ``download`` lets torchvision fetch missing files.
+    ``download`` lets torchvision fetch missing files.  ``seq_len`` (tokens
+    per sample) is required by ``text:``, ``tokens:`` and ``pydoc`` and refused
+    by every other dataset; ``tokenizer`` (``"bytes"``, ``"hf:DIR"``) applies
+    to ``text:`` and ``pydoc`` only.
     """
     if split not in SPLITS:
         raise KDCacheError(f"unknown split {split!r}: use one of {', '.join(SPLITS)}")
@@ -266,6 +284,20 @@ def open_dataset(spec: str, split: str = "train", data_root: str | None = None, 
         raise KDCacheError(f"empty dataset spec: use one of {_valid_specs_text()}")
     text = spec.strip()
     low = text.lower()
+    is_text = low.startswith("text:") or low in _SEQUENCE_TEXT
+    if tokenizer is not None and not is_text:
+        raise KDCacheError(f"--tokenizer applies to text:PATH and pydoc datasets, not {spec!r}: leave it out")
+    if low.startswith("text:"):
+        return open_text(text, text[len("text:"):], split, seq_len, tokenizer)
+    if low == "pydoc":
+        return open_pydoc(text, split, seq_len, tokenizer)
+    if low.startswith("tokens:"):
+        return open_tokens(text, text[len("tokens:"):], split, seq_len)
+    if seq_len is not None:
+        raise KDCacheError(f"--seq-len applies to text/tokens datasets (text:PATH, tokens:DIR, pydoc), not "
+                           f"{spec!r}: leave it out")
+    if low == "agreement":
+        return open_agreement(text, split)
     if low == "digits":
         return _open_digits(spec, split)
     if low in _TORCHVISION:
@@ -302,7 +334,8 @@ def fingerprint(ds: SourceDataset, n_probe: int = 64) -> str:
     h = hashlib.sha256()
     h.update(b"kdcache-dataset-v1\0")
     h.update(np.int64(n).astype("<i8").tobytes())
-    h.update(memoryview(np.ascontiguousarray(ds.labels, dtype="<i8")))  # no copy of int64 labels
+    h.update(bytes.fromhex(labels_sha256(ds.labels)) if ds.info.per_token else
+             memoryview(np.ascontiguousarray(ds.labels, dtype="<i8")))  # per-token labels: their hash, not a copy
     for i in _probe_indices(n, n_probe):
         raw = ds.raw_bytes(int(i))
         h.update(np.asarray([i, len(raw)], dtype="<i8").tobytes())
@@ -310,12 +343,27 @@ def fingerprint(ds: SourceDataset, n_probe: int = 64) -> str:
     return "sha256:" + h.hexdigest()
 
 
-def labels_sha256(labels: np.ndarray) -> str:
-    """Hex SHA-256 of labels as little-endian int64 (the `labels_sha256` attributes)."""
-    return hashlib.sha256(memoryview(np.ascontiguousarray(labels, dtype="<i8"))).hexdigest()
+def labels_sha256(labels: np.ndarray, block: int = 1 << 16) -> str:
+    """Hex SHA-256 of labels as little-endian int64, C order (the `labels_sha256` attributes); hashed in blocks of
+    rows so that a memory-mapped token corpus is never copied whole."""
+    h = hashlib.sha256()
+    for s in range(0, len(labels), block):
+        h.update(memoryview(np.ascontiguousarray(labels[s:s + block], dtype="<i8")))
+    return h.hexdigest()
 
 
 def identity(ds: SourceDataset) -> dict:
     """What a cache records about its dataset's samples, computed from the dataset itself (see format.attrs)."""
-    return {"n": len(ds), "num_classes": ds.info.num_classes, "class_names": list(ds.info.class_names),
-            "fingerprint": fingerprint(ds), "labels_sha256": labels_sha256(ds.labels)}
+    out = {"n": len(ds), "num_classes": ds.info.num_classes, "class_names": list(ds.info.class_names),
+           "fingerprint": fingerprint(ds), "labels_sha256": labels_sha256(ds.labels)}
+    if ds.info.vocab is not None:
+        out["vocab"] = ds.info.vocab
+    return out
+
+
+def is_factory(spec: str) -> bool:
+    """True for a `package.module:factory` spec: opening it imports and runs the user's code."""
+    mod_name, sep, fn_name = spec.strip().partition(":")
+    if mod_name.lower() in ("imagefolder", "text", "tokens"):  # built-in forms that take a path
+        return False
+    return bool(sep) and all(p.isidentifier() for p in mod_name.split(".")) and fn_name.isidentifier()

@@ -33,10 +33,22 @@ class DatasetInfo:
     sample_shape: tuple[int, ...]  # one sample as yielded: (C, H, W) for images
     kind: str = IMAGE
     dtype: str = "uint8"
+    label_shape: tuple[int, ...] = ()  # () one label per sample; (L,) one per token position (next-token ids)
+    vocab: dict | None = None  # token samples: {"name", "size", "sha256"} of the vocabulary their ids index
 
     @property
     def is_image(self) -> bool:
         return self.kind == IMAGE
+
+    @property
+    def per_token(self) -> bool:
+        """One label (and one cached distribution) per token position rather than per sample."""
+        return bool(self.label_shape)
+
+    @property
+    def model_inputs(self) -> dict:
+        """What a model builder is told about these samples beyond their shape: the vocabulary size of token ids."""
+        return {"vocab_size": self.vocab["size"]} if self.vocab else {}
 
     def input_json(self) -> dict:
         return {"kind": self.kind, "shape": list(self.sample_shape), "dtype": self.dtype}
@@ -51,7 +63,8 @@ class SourceDataset(torch.utils.data.Dataset):
     """A map-style dataset of fixed-shape samples.
 
     ``ds[i]`` is ``(sample, label, i)``: ``sample`` a tensor of ``info.sample_shape`` and ``info.dtype``, ``label``
-    an ``int`` (-1 = unlabelled) equal to ``labels[i]``.  Subclasses implement ``_sample(i)`` and ``raw_bytes(i)``;
+    an ``int`` (-1 = unlabelled) equal to ``labels[i]`` — or, for per-token datasets (``info.label_shape == (L,)``),
+    an int64 tensor of the L next-token ids (-1 = padding).  Subclasses implement ``_sample(i)`` and ``raw_bytes(i)``;
     they must be picklable (DataLoader workers) and deterministic.
     """
 
@@ -70,9 +83,10 @@ class SourceDataset(torch.utils.data.Dataset):
             raise IndexError(f"index {i} out of range for a dataset of {n} samples")
         return i
 
-    def __getitem__(self, i: int) -> tuple[Tensor, int, int]:
+    def __getitem__(self, i: int) -> tuple[Tensor, int | Tensor, int]:
         i = self._index(i)
-        return self._sample(i), int(self.labels[i]), i
+        label = self.labels[i]
+        return self._sample(i), (int(label) if label.ndim == 0 else torch.from_numpy(np.asarray(label, np.int64))), i
 
     def _sample(self, i: int) -> Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -229,6 +243,18 @@ def _to_tensor(x: Any, where: str) -> np.ndarray:
     return a
 
 
+def _vocab_of(inner: Any, where: str) -> dict:
+    """The vocabulary a dataset of token ids declares: `.vocab` ({"name", "size", "sha256"}) or `.vocab_size`."""
+    vocab = getattr(inner, "vocab", None)
+    if isinstance(vocab, dict) and isinstance(vocab.get("size"), int) and vocab["size"] > 0:
+        return {"name": str(vocab.get("name", "")), "size": vocab["size"], "sha256": vocab.get("sha256")}
+    size = getattr(inner, "vocab_size", None)
+    if isinstance(size, int) and not isinstance(size, bool) and size > 0:
+        return {"name": type(inner).__name__, "size": size, "sha256": None}
+    raise KDCacheError(f"{where}: samples of token ids need a vocabulary: give the dataset .vocab_size (an int), or "
+                       ".vocab = {'name': ..., 'size': ..., 'sha256': ...}")
+
+
 def _label_of(y: Any, where: str) -> int:
     if y is None:
         return -1
@@ -265,10 +291,19 @@ class WrappedDataset(SourceDataset):
                                "return a map-style torch Dataset") from None
         if n == 0:
             raise KDCacheError(f"{self._where} ({split}) is empty: make the factory return samples")
-        first = self._item(0)[0]
+        first, first_label = self._item(0)[:2]
         self._kind = sample_kind(first, getattr(inner, DECLARE_ATTR, None), self._where)
         a = self._convert(first)
         self._shape, self._dtype = tuple(int(s) for s in a.shape), str(a.dtype)
+        if isinstance(first_label, (Tensor, np.ndarray)) and np.ndim(first_label) == 1:
+            self.labels = self._token_labels(n)
+            vocab = _vocab_of(inner, self._where)
+            if self.labels.max() >= vocab["size"]:
+                raise KDCacheError(f"{self._where}: token id {int(self.labels.max())} is outside the vocabulary of "
+                                   f"{vocab['size']}; fix the data or the dataset's vocab_size")
+            self.info = DatasetInfo(spec, split, vocab["size"], (), self._shape, self._kind, self._dtype,
+                                    tuple(self.labels.shape[1:]), vocab)
+            return
         labels = self._labels(n)
         classes = getattr(inner, "classes", None)
         if classes is not None and len(classes) > 0:
@@ -282,7 +317,9 @@ class WrappedDataset(SourceDataset):
             raise KDCacheError(f"{self._where}: label {int(labels.max())} but only {len(class_names)} classes; "
                                "fix the labels or the dataset's .classes")
         self.labels = labels
-        self.info = DatasetInfo(spec, split, len(class_names), class_names, self._shape, self._kind, self._dtype)
+        vocab = _vocab_of(inner, self._where) if hasattr(inner, "vocab_size") or hasattr(inner, "vocab") else None
+        self.info = DatasetInfo(spec, split, len(class_names), class_names, self._shape, self._kind, self._dtype,
+                                vocab=vocab)
 
     def _labels(self, n: int) -> np.ndarray:
         for attr in ("targets", "labels"):
@@ -296,6 +333,18 @@ class WrappedDataset(SourceDataset):
             if arr.ndim == 1 and len(arr) == n and np.issubdtype(arr.dtype, np.integer):
                 return np.where(arr < 0, -1, arr).astype(np.int64)
         return np.asarray([_label_of(self._item(k)[1], self._where) for k in range(n)], dtype=np.int64)
+
+    def _token_labels(self, n: int) -> np.ndarray:
+        """Per-token labels (N, L): the next-token id at every position, -1 = padding."""
+        rows = []
+        for k in range(n):
+            y = self._item(k)[1]
+            rows.append(np.asarray(y.cpu() if isinstance(y, Tensor) else y))
+        if len({r.shape for r in rows}) != 1 or not np.issubdtype(rows[0].dtype, np.integer):
+            raise KDCacheError(f"{self._where}: per-token labels must be integer vectors of one length; got "
+                               f"{rows[0].dtype} {rows[0].shape} for sample 0")
+        labels = np.stack(rows).astype(np.int64)
+        return np.where(labels < 0, -1, labels)
 
     def _item(self, i: int) -> Any:
         item = self.inner[i]

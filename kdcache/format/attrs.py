@@ -9,10 +9,10 @@ from collections.abc import Iterable, Sequence
 
 from kdcache import __version__
 from kdcache.errors import KDCacheError
-from kdcache.format.spec import FORMAT_NAME, STATUS_PARTIAL, TAIL_DEFINITION, Layout, version_for
+from kdcache.format.spec import FORMAT_NAME, Q8_DEFINITION, STATUS_PARTIAL, TAIL_DEFINITION, Layout, version_for
 
 # What "the same dataset" means: recorded at dump time, compared before any two caches meet or a student trains.
-DATASET_IDENTITY = ("n", "num_classes", "class_names", "fingerprint", "labels_sha256")
+DATASET_IDENTITY = ("n", "num_classes", "class_names", "fingerprint", "labels_sha256", "vocab")
 
 
 def now() -> str:
@@ -28,6 +28,7 @@ def cache_attrs(layout: Layout, *, teacher: dict, dataset: dict, views: dict, du
     attrs = {
         "format": FORMAT_NAME, "version": None, "status": STATUS_PARTIAL, **layout.to_attrs(),
         "tail": TAIL_DEFINITION if layout.k else None,
+        **({"q8": Q8_DEFINITION} if layout.value_dtype == "q8" else {}),
         "teacher": teacher, "dataset": dataset, "rows": rows, "views": views, "dump": dump, **extra,
         "created": now(), "tool": f"kdcache {__version__}", "command": command,
     }
@@ -57,6 +58,7 @@ def _identity(attrs: dict, parts: Iterable[str]) -> dict[str, object]:
                         "merge": attrs.get("merge")}
             case "layout":
                 out |= {k: attrs[k] for k in ("kind", "k", "num_classes", "value_dtype")}
+                out["positions"] = attrs.get("positions")
     return out
 
 

@@ -17,18 +17,21 @@ from kdcache.errors import KDCacheError
 FORMAT_NAME = "kdcache"
 FORMAT_VERSION = "1.1"        # whole caches of images: readable by every 1.x reader
 RANGE_FORMAT_VERSION = "2.0"  # range caches: row i is dataset sample rows.start + i, which 1.x readers would miss
-TENSOR_FORMAT_VERSION = "3.0"  # samples that are not images: 2.x readers would look for an image size
+TENSOR_FORMAT_VERSION = "3.0"  # tensor samples, token positions, q8 values: what 2.x readers would misread
 READER_MAJOR = 3              # the newest major version this reader reads
 ATTR_KEY = "kdcache"
-PER_VIEW = ("values", "indices", "tail", "views")  # arrays with a view axis, in checksum order
+PER_VIEW = ("values", "top", "codes", "indices", "tail", "views")  # arrays with a view axis, in checksum order
 ROW_ARRAYS = (*PER_VIEW, "labels")                  # arrays with one row per sample
 BOOKKEEPING = ("done", "checksum")                  # one entry per chunk, never compressed
 STATUS_PARTIAL = "partial"
 STATUS_COMPLETE = "complete"
 TAIL_DEFINITION = "logsumexp of the teacher logits not in the top-k, at T=1"
-VALUE_DTYPES = ("float16", "float32")
+VALUE_DTYPES = ("float16", "float32", "q8")
+Q8_STEP = 16  # q8 codes count 1/16 nat steps
+Q8_DEFINITION = ("q8: top = the largest logit (float32); codes[j-1] = q_j - q_(j-1) (uint8, q_0 = 0) where "
+                 "q_j = min(255, round(16 * (top - logit_j))), so logit_j = top - cumsum(codes)[j-1] / 16")
 TARGET_CHUNK_BYTES = 1 << 20
-MIN_CHUNK_ROWS, MAX_CHUNK_ROWS = 256, 16384
+MIN_CHUNK_ROWS, MAX_CHUNK_ROWS = 256, 16384  # samples per chunk; a token cache's rows are sequences: at least 1
 REQUIRED_ATTRS = (
     "format", "version", "status", "kind", "k", "num_classes", "n", "n_views", "chunk_rows",
     "value_dtype", "index_dtype", "teacher", "dataset", "views", "created", "tool", "command",
@@ -44,17 +47,21 @@ MISSING, MISTYPED = "missing", "should be"
 _ABSENT = object()
 
 
-def index_dtype(num_classes: int) -> str:
-    """Smallest signed integer dtype that holds every class id."""
+def index_dtype(num_classes: int, per_token: bool = False) -> str:
+    """The dtype of top-k class ids: int16/int32 (the 1.x rule); token caches (3.0) use uint16 up to 65,536 ids,
+    which covers vocabularies of 32k–64k tokens in half the bytes."""
+    if per_token:
+        return "uint16" if num_classes <= 1 << 16 else "int32"
     return "int16" if num_classes <= np.iinfo(np.int16).max else "int32"
 
 
-def default_chunk_rows(width: int, value_dtype: str) -> int:
-    """Rows per chunk so that one view's values chunk is about 1 MiB (power of two, clamped)."""
-    row_bytes = width * np.dtype(value_dtype).itemsize
+def default_chunk_rows(width: int, value_dtype: str, positions: int | None = None) -> int:
+    """Samples per chunk so that one view's values chunk is about 1 MiB (a power of two, clamped); for a token
+    cache a sample holds `positions` rows, so its chunks hold fewer samples (at least one)."""
+    row_bytes = width * (1 if value_dtype == "q8" else np.dtype(value_dtype).itemsize) * (positions or 1)
     rows = TARGET_CHUNK_BYTES // max(row_bytes, 1)
     rows = 1 << int(np.floor(np.log2(max(rows, 1))))
-    return int(min(max(rows, MIN_CHUNK_ROWS), MAX_CHUNK_ROWS))
+    return int(min(max(rows, 1 if positions else MIN_CHUNK_ROWS), MAX_CHUNK_ROWS))
 
 
 @dataclass(frozen=True)
@@ -67,10 +74,15 @@ class Layout:
     k: int | None
     value_dtype: str
     chunk_rows: int
+    positions: int | None = None  # token caches: L rows (token positions) per sample; None: one row per sample
 
     def __post_init__(self) -> None:
         if self.value_dtype not in VALUE_DTYPES:
             raise KDCacheError(f"unsupported dtype {self.value_dtype!r}: use one of {', '.join(VALUE_DTYPES)}")
+        if self.value_dtype == "q8" and (self.k is None or self.k < 2):
+            raise KDCacheError("--dtype q8 encodes top-k values (k >= 2): add --topk K, or use float16")
+        if self.positions is not None and self.positions < 1:
+            raise KDCacheError(f"a token cache needs at least one position per sample, got {self.positions}")
         if self.k is not None and not 0 < self.k < self.num_classes:
             raise KDCacheError(
                 f"--topk {self.k} must be between 1 and {self.num_classes - 1} for {self.num_classes} classes; "
@@ -81,11 +93,11 @@ class Layout:
 
     @classmethod
     def for_dataset(cls, n: int, dataset_n: int, n_views: int, num_classes: int, k: int | None, value_dtype: str,
-                    chunk_rows: int | None = None) -> "Layout":
-        """A layout of n rows chunked as a cache of the whole dataset would be (default ~1 MiB chunks), so that
+                    chunk_rows: int | None = None, positions: int | None = None) -> "Layout":
+        """A layout of n samples chunked as a cache of the whole dataset would be (default ~1 MiB chunks), so that
         range caches, joins and merges of one dataset share chunk boundaries."""
-        rows = chunk_rows or default_chunk_rows(k or num_classes, value_dtype)
-        return cls(n, n_views, num_classes, k, value_dtype, min(rows, dataset_n))
+        rows = chunk_rows or default_chunk_rows(k or num_classes, value_dtype, positions)
+        return cls(n, n_views, num_classes, k, value_dtype, min(rows, dataset_n), positions)
 
     @property
     def kind(self) -> str:
@@ -97,7 +109,7 @@ class Layout:
 
     @property
     def index_dtype(self) -> str:
-        return index_dtype(self.num_classes)
+        return index_dtype(self.num_classes, self.positions is not None)
 
     @property
     def n_chunks(self) -> int:
@@ -107,44 +119,66 @@ class Layout:
         return slice(c * self.chunk_rows, min((c + 1) * self.chunk_rows, self.n))
 
     def arrays(self) -> dict[str, tuple[tuple[int, ...], str, tuple[int, ...]]]:
-        """name -> (shape, dtype, chunk shape); chunked along samples, one view per chunk."""
+        """name -> (shape, dtype, chunk shape); chunked along samples, one view per chunk; token caches have a
+        positions axis after the views axis (labels: after the samples axis)."""
         n, v, r, w = self.n, self.n_views, min(self.chunk_rows, self.n), self.width
-        out = {
-            "values": ((n, v, w), self.value_dtype, (r, 1, w)),
-            "labels": ((n,), "int64", (r,)),
+        pos = (self.positions,) if self.positions else ()
+        out: dict[str, tuple[tuple[int, ...], str, tuple[int, ...]]] = {}
+        if self.value_dtype == "q8":
+            out["top"] = ((n, v, *pos), "float32", (r, 1, *pos))
+            out["codes"] = ((n, v, *pos, w - 1), "uint8", (r, 1, *pos, w - 1))
+        else:
+            out["values"] = ((n, v, *pos, w), self.value_dtype, (r, 1, *pos, w))
+        out |= {
+            "labels": ((n, *pos), "int64", (r, *pos)),
             "views": ((n, v, len(VIEW_FIELDS)), "float32", (r, 1, len(VIEW_FIELDS))),
             "done": ((self.n_chunks,), "uint8", (1,)),
             "checksum": ((self.n_chunks, v), "uint32", (1, v)),
         }
         if self.k is not None:
-            out["indices"] = ((n, v, w), self.index_dtype, (r, 1, w))
-            out["tail"] = ((n, v), "float32", (r, 1))
+            out["indices"] = ((n, v, *pos, w), self.index_dtype, (r, 1, *pos, w))
+            out["tail"] = ((n, v, *pos), "float32", (r, 1, *pos))
         return out
 
+    def decoded(self) -> dict[str, tuple[tuple[int, ...], str]]:
+        """name -> (shape, dtype) of the per-sample arrays as readers return them: q8 values decoded to float32
+        `values`, labels without a view axis."""
+        out = {n: (s, d) for n, (s, d, _) in self.arrays().items() if n in ROW_ARRAYS and n not in ("top", "codes")}
+        if self.value_dtype == "q8":
+            out["values"] = (self.arrays()["indices"][0], "float32")
+        return out
+
+    def row_shape(self, name: str) -> tuple[int, ...]:
+        """One sample's shape in decoded array `name` for one view (what a reader returns per sample)."""
+        shape = self.decoded()[name][0]
+        return shape[1:] if name == "labels" else shape[2:]
+
     def decoded_bytes(self) -> int:
-        """Bytes of the per-view arrays once decoded into memory (all views)."""
-        return sum(int(np.prod(s)) * np.dtype(d).itemsize for name, (s, d, _) in self.arrays().items()
-                   if name in PER_VIEW)
+        """Bytes of the per-view arrays once decoded into memory (all views; q8 values as float32)."""
+        return sum(int(np.prod(s)) * np.dtype(d).itemsize for n, (s, d) in self.decoded().items() if n in PER_VIEW)
 
     def to_attrs(self) -> dict:
-        return {
+        out = {
             "kind": self.kind, "k": self.k, "num_classes": self.num_classes, "n": self.n,
             "n_views": self.n_views, "chunk_rows": self.chunk_rows,
             "value_dtype": self.value_dtype, "index_dtype": self.index_dtype,
         }
+        if self.positions is not None:
+            out["positions"] = self.positions
+        return out
 
     @classmethod
     def from_attrs(cls, a: dict) -> "Layout":
         return cls(n=int(a["n"]), n_views=int(a["n_views"]), num_classes=int(a["num_classes"]),
                    k=None if a["k"] is None else int(a["k"]), value_dtype=a["value_dtype"],
-                   chunk_rows=int(a["chunk_rows"]))
+                   chunk_rows=int(a["chunk_rows"]), positions=a.get("positions"))
 
 
 def version_for(attrs: dict) -> str:
     """The lowest format version that describes this cache, so that every older reader that could read it does,
     and every one that could not refuses it."""
     inputs = attrs.get("dataset", {}).get("input") or {}
-    if inputs.get("kind", "image") != "image":
+    if inputs.get("kind", "image") != "image" or attrs.get("positions") or attrs.get("value_dtype") == "q8":
         return TENSOR_FORMAT_VERSION
     return FORMAT_VERSION if attrs.get("rows") is None else RANGE_FORMAT_VERSION
 
@@ -178,7 +212,8 @@ def parse_rows(text: str | None, n: int) -> tuple[int, int]:
 
 
 def view_checksum(rows: dict[str, np.ndarray]) -> int:
-    """CRC-32 of one chunk of one view: the C-order little-endian bytes of values, indices, tail, views."""
+    """CRC-32 of one chunk of one view: the C-order little-endian bytes of its per-view arrays in PER_VIEW order
+    (values — or top and codes —, indices, tail, views)."""
     crc = 0
     for name in PER_VIEW:
         if name in rows:

@@ -16,7 +16,7 @@ import numpy as np
 
 from kdcache.errors import KDCacheError
 from kdcache.format.spec import FORMAT_NAME, STATUS_COMPLETE, STATUS_PARTIAL, Layout, version_for
-from kdcache.format.topk import chunk_stats
+from kdcache.format.topk import chunk_stats, q8_decode
 from kdcache.io.writer import ChunkWriter
 from kdcache.storage.backends import (
     Store,
@@ -76,7 +76,8 @@ def cache_stats(store: Store, layout: Layout) -> dict:
     topk = layout.k is not None
     for c in range(layout.n_chunks):
         sl = layout.chunk_slice(c)
-        s = chunk_stats(store["values"][sl], store["indices"][sl] if topk else None,
+        values = q8_decode(store["top"][sl], store["codes"][sl]) if layout.value_dtype == "q8" else store["values"][sl]
+        s = chunk_stats(values, store["indices"][sl] if topk else None,
                         store["tail"][sl] if topk else None, store["labels"][sl], layout.num_classes)
         for k in acc:
             acc[k] += s[k]

@@ -13,9 +13,9 @@ import numpy as np
 import torch
 
 from kdcache.errors import KDCacheError
+from kdcache.format.topk import q8_decode
 from kdcache.format.spec import (
     PER_VIEW,
-    ROW_ARRAYS,
     STATUS_COMPLETE,
     Layout,
     check_version,
@@ -33,10 +33,10 @@ DEFAULT_LRU_BYTES = 16 << 20
 class CacheBatch:
     """Soft targets of a batch of samples for one view (torch tensors on CPU)."""
 
-    values: torch.Tensor            # (B, C) full logits or (B, k) top-k logits
-    indices: torch.Tensor | None    # (B, k) int64 class ids (top-k only)
-    tail: torch.Tensor | None       # (B,) log-sum-exp of the logits not in the top-k (top-k only)
-    labels: torch.Tensor            # (B,) int64, -1 = unlabelled
+    values: torch.Tensor            # (B, C) full logits or (B, k) top-k logits; token caches (B, L, C or k)
+    indices: torch.Tensor | None    # (B, k) int64 class ids (top-k only); token caches (B, L, k)
+    tail: torch.Tensor | None       # (B,) log-sum-exp of the logits not in the top-k (top-k only); (B, L)
+    labels: torch.Tensor            # (B,) int64, -1 = unlabelled; token caches (B, L) next-token ids, -1 = padding
     views: torch.Tensor             # (B, 5) the view's crop/flip parameters
 
 
@@ -129,7 +129,8 @@ class Cache:
 
     # --- reading --------------------------------------------------------------------------------
     def read_chunk(self, c: int, view: int = 0) -> dict[str, np.ndarray]:
-        """Decode one chunk of one view (and its labels) from the store; check it against its stored CRC-32."""
+        """One chunk of one view (and its labels) as stored, checked against its stored CRC-32 (join copies these
+        arrays as they are; readers want `decoded_chunk`)."""
         sl = self.layout.chunk_slice(c)
         where = f"chunk {c} (rows {sl.start}-{sl.stop - 1}, view {view}) of {self.path}"
         fix = f"the cache is corrupt; run 'kdcache verify {self.path}' and dump or fetch it again"
@@ -145,14 +146,22 @@ class Cache:
             self.chunks_decoded += 1
         return rows
 
+    def decoded_chunk(self, c: int, view: int = 0) -> dict[str, np.ndarray]:
+        """`read_chunk` with q8 values decoded to float32 `values`."""
+        rows = self.read_chunk(c, view)
+        if "codes" in rows:
+            rows["values"] = q8_decode(rows.pop("top"), rows.pop("codes"))
+        return rows
+
     def load(self) -> None:
         """Decode the whole cache into memory (every chunk verified): the fastest reader when it fits."""
         lay = self.layout
-        out = {n: np.empty(s, dtype=d) for n, (s, d, _) in lay.arrays().items() if n in PER_VIEW}
-        labels = np.empty(lay.n, dtype=np.int64)
+        shapes = lay.decoded()
+        out = {n: np.empty(s, dtype=d) for n, (s, d) in shapes.items() if n in PER_VIEW}
+        labels = np.empty(shapes["labels"][0], dtype=np.int64)
         for c in range(lay.n_chunks):
             for v in range(lay.n_views):
-                rows = self.read_chunk(c, v)
+                rows = self.decoded_chunk(c, v)
                 labels[lay.chunk_slice(c)] = rows.pop("labels")
                 for n, a in rows.items():
                     out[n][lay.chunk_slice(c), v] = a
@@ -170,7 +179,7 @@ class Cache:
             for c in chunks:
                 key = (int(c), view)
                 if key not in self._lru and key not in self._inflight:
-                    self._inflight[key] = self._pool.submit(self.read_chunk, key[0], view)
+                    self._inflight[key] = self._pool.submit(self.decoded_chunk, key[0], view)
 
     def release(self, chunks: Iterable[int], view: int = 0) -> None:
         """Drop these chunks of one view from the LRU: the caller is done with them (e.g. for this epoch)."""
@@ -188,7 +197,7 @@ class Cache:
                 self._lru.move_to_end(key)
                 return hit
             fut = self._inflight.pop(key, None)
-        rows = fut.result() if fut is not None else self.read_chunk(c, view)
+        rows = fut.result() if fut is not None else self.decoded_chunk(c, view)
         size = sum(a.nbytes for a in rows.values())
         with self._lock:
             old = self._lru.pop(key, None)  # another thread decoded it too: count it once
@@ -229,8 +238,8 @@ class Cache:
     def _gather(self, idx: np.ndarray, view: int) -> dict[str, np.ndarray]:
         rows = self.layout.chunk_rows
         chunk_ids = idx // rows
-        shapes = self.layout.arrays()
-        out = {n: np.empty((len(idx), *shapes[n][0][2:]), dtype=shapes[n][1]) for n in ROW_ARRAYS if n in shapes}
+        lay = self.layout
+        out = {n: np.empty((len(idx), *lay.row_shape(n)), dtype=d) for n, (_, d) in lay.decoded().items()}
         for c in np.unique(chunk_ids):
             sel = np.nonzero(chunk_ids == c)[0]
             arrays = self._chunk(int(c), view)

@@ -85,6 +85,10 @@ def _is_pickle(path: str) -> bool:
 
 
 def _load_default(model: nn.Module, name: str) -> dict[str, Any]:
+    if name.startswith("hf:"):  # built from the folder's own weights: DEFAULT names them
+        from .hf import hf_identity
+
+        return hf_identity(name[3:], model)
     if name not in torchvision_names():
         raise KDCacheError(
             f"no published weights for {name!r}: pass --weights PATH to a checkpoint (train one with kdtrain)"

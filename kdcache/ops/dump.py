@@ -13,8 +13,9 @@ from torch.utils.data import DataLoader
 
 from kdcache.config import DumpConfig, default_run_dir
 from kdcache.data.datasets import fingerprint, labels_sha256, open_dataset
+from kdcache.data.hftok import check_model_vocab
 from kdcache.data.render import ModelInput, image_only, model_input
-from kdcache.data.sources import SourceDataset
+from kdcache.data.sources import DatasetInfo, SourceDataset
 from kdcache.data.views import VIEW_FIELDS, AugmentSpec, identity_views, sample_views
 from kdcache.device import autocast, pick_device, to_model_layout
 from kdcache.dist import init_from_env, shutdown
@@ -29,7 +30,7 @@ from kdcache.progress import progress, say
 from kdcache.storage.backends import Store
 
 RESUME_KEYS = ("teacher", "weights_sha256", "dataset", "split", "fingerprint", "topk", "dtype", "image_size",
-               "batch_size", "chunk_rows", "views", "augment", "seed", "rows")
+               "batch_size", "chunk_rows", "views", "augment", "seed", "rows", "seq_len")
 
 
 class ChunkBatches:
@@ -70,6 +71,13 @@ def _check_views(cfg: DumpConfig, ds: SourceDataset, aug: AugmentSpec) -> None:
                            "flips), or drop --views")
 
 
+def value_dtype(cfg: DumpConfig, ds: SourceDataset) -> str:
+    """--dtype as given; 'auto' is q8 for per-token top-k caches (where bytes per token matter most), else float16."""
+    if cfg.dtype != "auto":
+        return cfg.dtype
+    return "q8" if ds.info.per_token and cfg.topk is not None and cfg.topk >= 2 else "float16"
+
+
 def _attrs(cfg: DumpConfig, ds: SourceDataset, layout: Layout, teacher_id: dict, pre: ModelInput,
            aug: AugmentSpec, rows: tuple[int, int]) -> dict:
     fp = fingerprint(ds)
@@ -82,6 +90,10 @@ def _attrs(cfg: DumpConfig, ds: SourceDataset, layout: Layout, teacher_id: dict,
                "labels_sha256": labels_sha256(ds.labels), "labelled": int((ds.labels >= 0).sum())}
     if info.is_image:
         dataset["base_shape"] = list(info.sample_shape)
+    if info.vocab is not None:
+        dataset["vocab"] = info.vocab
+    if info.per_token:
+        dataset |= {"label_shape": list(info.label_shape), "seq_len": cfg.seq_len, "tokenizer": cfg.tokenizer}
     return cache_attrs(
         layout,
         teacher={"name": cfg.teacher, "weights": teacher_id, "params": teacher_id.get("params"),
@@ -89,10 +101,10 @@ def _attrs(cfg: DumpConfig, ds: SourceDataset, layout: Layout, teacher_id: dict,
         dataset=dataset,
         views={"fields": list(VIEW_FIELDS), "augment": str(aug), "augment_spec": aug.to_json(), "seed": cfg.seed},
         dump={"teacher": cfg.teacher, "weights_sha256": teacher_id.get("sha256"), "dataset": info.spec,
-              "split": info.split, "fingerprint": fp, "topk": cfg.topk, "dtype": cfg.dtype,
+              "split": info.split, "fingerprint": fp, "topk": cfg.topk, "dtype": layout.value_dtype,
               "image_size": getattr(pre, "image_size", None), "batch_size": cfg.batch_size,
               "chunk_rows": layout.chunk_rows, "views": cfg.views, "augment": str(aug), "seed": cfg.seed,
-              "rows": None if whole else list(rows)},
+              "rows": None if whole else list(rows), "seq_len": cfg.seq_len},
         rows=span, command=cfg.command)
 
 
@@ -101,6 +113,8 @@ def resolve_weights(cfg: DumpConfig, num_classes: int) -> tuple[str, str]:
     (runs/NAME/best.pt, what `kdtrain --student NAME` writes); else the published weights where their classes fit."""
     if cfg.weights is not None:
         return cfg.weights, "--weights"
+    if cfg.teacher.startswith("hf:"):
+        return "DEFAULT", f"the weights saved in {cfg.teacher[3:]}"
     run = os.path.join(default_run_dir(cfg.teacher), "best.pt")
     if os.path.isfile(run):
         return run, f"kdtrain's run of {cfg.teacher}"
@@ -113,12 +127,14 @@ def resolve_weights(cfg: DumpConfig, num_classes: int) -> tuple[str, str]:
                        f"(dump then finds {run}), or pass --weights PATH ({why})")
 
 
-def _load_teacher(cfg: DumpConfig, num_classes: int, pre: ModelInput, device: torch.device,
-                  show: bool) -> tuple[torch.nn.Module, dict]:
-    weights, source = resolve_weights(cfg, num_classes)
+def load_teacher(cfg: DumpConfig, info: DatasetInfo, pre: ModelInput, device: torch.device,
+                 show: bool = False) -> tuple[torch.nn.Module, dict]:
+    """The teacher in eval mode on `device`, with the identity of its weights (what the cache records)."""
+    check_model_vocab(cfg.teacher, info.vocab)
+    weights, source = resolve_weights(cfg, info.num_classes)
     say(f"teacher {cfg.teacher}: weights {weights} ({source})", show)
     args = checkpoint_arch_args(weights) | cfg.teacher_args
-    model = build_model(cfg.teacher, num_classes, pre.input_shape, args)
+    model = build_model(cfg.teacher, info.num_classes, pre.input_shape, args, **info.model_inputs)
     ident = load_weights(model, weights, cfg.teacher) | {"arch_args": args}
     model.eval().to(device)
     if device.type == "cuda" and len(pre.input_shape) == 3:
@@ -130,18 +146,19 @@ def run_dump(cfg: DumpConfig) -> str:
     """Dump (or resume) a cache as `cfg` says; returns the path of the finished cache."""
     output = Output(cfg.out, "dump", compressor=cfg.compressor)
     aug = AugmentSpec.parse(cfg.augment)
-    ds = open_dataset(cfg.dataset, cfg.split, cfg.data_root, cfg.download)
+    ds = open_dataset(cfg.dataset, cfg.split, cfg.data_root, cfg.download, cfg.seq_len, cfg.tokenizer)
     _check_views(cfg, ds, aug)
     pre = model_input(ds.info, cfg.image_size)
     rows = parse_rows(cfg.rows, len(ds))
     # Chunk rows depend on the dataset, not the range, so range caches chunk like the whole dump would.
-    layout = Layout.for_dataset(rows[1] - rows[0], len(ds), cfg.views, ds.info.num_classes, cfg.topk, cfg.dtype,
-                                cfg.chunk_rows)
+    positions = ds.info.label_shape[0] if ds.info.per_token else None
+    layout = Layout.for_dataset(rows[1] - rows[0], len(ds), cfg.views, ds.info.num_classes, cfg.topk,
+                                value_dtype(cfg, ds), cfg.chunk_rows, positions)
     requested = pick_device(cfg.device)
     d = init_from_env(requested.type == "cuda")
     try:
         device = d.device(requested)
-        teacher, ident = _load_teacher(cfg, ds.info.num_classes, pre, device, cfg.progress and d.main)
+        teacher, ident = load_teacher(cfg, ds.info, pre, device, cfg.progress and d.main)
         attrs = _attrs(cfg, ds, layout, ident, pre, aug, rows)
         with ExitStack() as stack:  # rank 0 holds the lock for the whole job
             d.on_main(lambda: output.prepare(layout, attrs, stack, cfg.overwrite, cfg.resume, RESUME_KEYS))
@@ -165,7 +182,6 @@ def _run_chunks(cfg: DumpConfig, teacher: torch.nn.Module, ds: SourceDataset, la
                 batches: ChunkBatches, pre: ModelInput, aug: AugmentSpec, device: torch.device) -> None:
     loader = DataLoader(ds, batch_sampler=batches, num_workers=cfg.num_workers,
                         pin_memory=device.type == "cuda", persistent_workers=False)
-    value_dtype = getattr(torch, cfg.dtype)
     cuda = device.type == "cuda"
     writer = ChunkWriter(store, layout)
     try:
@@ -181,7 +197,7 @@ def _run_chunks(cfg: DumpConfig, teacher: torch.nn.Module, ds: SourceDataset, la
                 for v in range(cfg.views):
                     with autocast(device):
                         per_view.append(teacher(to_model_layout(pre(x, v_t[:, v]))).float())
-                out = to_topk(torch.stack(per_view, 1), cfg.topk, value_dtype)
+                out = to_topk(torch.stack(per_view, 1), cfg.topk, layout.value_dtype)
                 arrays: dict[str, object] = {k: t.to("cpu", non_blocking=cuda) for k, t in out.items()}
                 ready = None
                 if cuda:

@@ -42,6 +42,9 @@ def summary(cache: Cache) -> dict:
         "n_views": cache.n_views,
         "value_dtype": a["value_dtype"], "compressor": a.get("compressor"), "chunk_rows": a["chunk_rows"],
         "bytes_on_disk": size, "bytes_per_sample": None if size is None else size / cache.n,
+        "positions": cache.layout.positions, "vocab": a["dataset"].get("vocab"),
+        "bytes_per_token": None if size is None or not cache.layout.positions else
+        size / (cache.n * cache.layout.positions),
         "decoded_bytes": cache.decoded_bytes(),
         "teacher": a["teacher"]["name"], "teacher_weights": a["teacher"]["weights"],
         "teacher_params": a["teacher"].get("params"), "teacher_top1": top1,
@@ -61,6 +64,19 @@ def _labelled(cache: Cache) -> int | None:
     if cache.attrs.get("rows") is None:
         return cache.attrs["dataset"].get("labelled")
     return int((cache.labels >= 0).sum()) if cache.complete else None
+
+
+def _samples(s: dict) -> str:
+    if s["positions"]:
+        return (f"{s['n']} sequences × {s['positions']} positions ({s['n'] * s['positions']} tokens), "
+                f"{s['n_views']} view(s), {s['num_classes']} classes")
+    return f"{s['n']} × {s['n_views']} view(s), {s['num_classes']} classes"
+
+
+def _per_row(s: dict) -> str:
+    if s["bytes_per_token"] is not None:
+        return f"{s['bytes_per_token']:.1f} B/token"
+    return f"{_fmt_bytes(s['bytes_per_sample'])}/sample"
 
 
 def _input(s: dict) -> str:
@@ -115,8 +131,8 @@ def as_text(s: dict) -> str:
     names = s["class_names"]
     lines = [
         ("cache", f"{s['path']} ({s['format']}, {s['status']})"),
-        ("samples", f"{s['n']} × {s['n_views']} view(s), {s['num_classes']} classes, {kind}, {s['value_dtype']}"),
-        ("on disk", f"{_fmt_bytes(s['bytes_on_disk'])} ({_fmt_bytes(s['bytes_per_sample'])}/sample, "
+        ("samples", _samples(s) + f", {kind}, {s['value_dtype']}"),
+        ("on disk", f"{_fmt_bytes(s['bytes_on_disk'])} ({_per_row(s)}, "
                     f"{s['compressor']}; {_fmt_bytes(s['decoded_bytes'])} decoded)"),
         ("teacher", f"{s['teacher']} ({s['teacher_params'] or '?'} params, {_input(s)}), "
                     f"weights sha256 {str(s['teacher_weights'].get('sha256'))[:16]}…"),
@@ -125,6 +141,7 @@ def as_text(s: dict) -> str:
         ("top-k mass", _pct(s["topk_mass"]) if s["kind"] == "topk" else "1 (full logits)"),
         ("dataset", f"{s['dataset']} [{s['split']}], {s['fingerprint'][:23]}…"),
         ("rows", _rows(s)),
+        ("vocabulary", f"{s['vocab'].get('name')}, {s['vocab'].get('size')} tokens") if s["vocab"] else
         ("classes", ", ".join(names[:10]) + (f", … ({len(names)} in all)" if len(names) > 10 else "")),
         ("views", f"augment {s['augment']}, seed {s['seed']}"),
         *([("joined", _joined(s))] if s["joined_from"] else []),
@@ -150,7 +167,7 @@ def as_markdown(s: dict) -> str:
         ("Teacher top-1 on this split", _pct(s["teacher_top1"])),
         ("Contents", f"{s['kind']}" + (f" (k={s['k']}, mean mass kept {_pct(s['topk_mass'])})" if s['k'] else "")
          + f", {s['n_views']} view(s), {s['value_dtype']}"),
-        ("Size", f"{_fmt_bytes(s['bytes_on_disk'])} ({_fmt_bytes(s['bytes_per_sample'])} per sample)"),
+        ("Size", f"{_fmt_bytes(s['bytes_on_disk'])} ({_per_row(s)})"),
         ("Format", f"{s['format']}, status {s['status']}"),
         *([("Joined", _joined(s))] if s["joined_from"] else []),
         ("Made by", f"{s['tool']}, {s['created']}"),

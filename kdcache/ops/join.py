@@ -10,6 +10,7 @@ their union.
 
 from __future__ import annotations
 
+import dataclasses
 from contextlib import ExitStack
 
 import numpy as np
@@ -80,9 +81,7 @@ def join(paths: list[str], out: str, overwrite: bool = False, command: str = "")
         _check_members(caches)
         rows = row_range(caches[0].attrs)[0], row_range(caches[-1].attrs)[1]
         n_total = caches[0].attrs["dataset"]["n"]
-        first = caches[0].layout
-        layout = Layout(rows[1] - rows[0], first.n_views, first.num_classes, first.k, first.value_dtype,
-                        first.chunk_rows)
+        layout = dataclasses.replace(caches[0].layout, n=rows[1] - rows[0])
         compressor = _common(caches, lambda a: a.get("compressor"))
         with derived_cache(out, layout, _attrs(caches, layout, rows, command), overwrite, "join", paths,
                            compressor) as writer:

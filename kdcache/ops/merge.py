@@ -28,8 +28,8 @@ TOPK_RULE = "dropped logits = tail − log(C−k) (tail spread evenly)"
 
 def combine(dense: list[torch.Tensor], weights: list[float], mode: str, temperature: float) -> torch.Tensor:
     """mean-logit: Σ wᵢ zᵢ. mean-prob: T·log Σ wᵢ softmax(zᵢ/T), so softmax(z/T) is the mean distribution."""
-    w = torch.tensor(weights, dtype=torch.float32)[:, None, None]
     z = torch.stack(dense)
+    w = torch.tensor(weights, dtype=torch.float32).view(-1, *([1] * (z.dim() - 1)))
     if mode == "mean-logit":
         return (w * z).sum(0)
     return temperature * torch.logsumexp(torch.log_softmax(z / temperature, -1) + w.log(), 0)
@@ -73,7 +73,8 @@ def merge(paths: list[str], out: str, mode: str = "mean-prob", temperature: floa
         c0 = caches[0]
         topks = [c.k for c in caches if c.k is not None]
         k = max(topks) if topks else None
-        layout = Layout.for_dataset(c0.n, c0.attrs["dataset"]["n"], c0.n_views, c0.num_classes, k, "float16")
+        layout = Layout.for_dataset(c0.n, c0.attrs["dataset"]["n"], c0.n_views, c0.num_classes, k, "float16",
+                                    positions=c0.layout.positions)
         attrs = _attrs(caches, layout, mode, temperature, weights, command)
         with derived_cache(out, layout, attrs, overwrite, "merge", paths) as writer:
             for c in range(layout.n_chunks):
@@ -89,5 +90,5 @@ def merge(paths: list[str], out: str, mode: str = "mean-prob", temperature: floa
                 arrays: dict[str, object] = {"labels": own[0].labels.numpy(),
                                              "views": np.stack([b.views.numpy() for b in own], 1)}
                 arrays |= {name: t.numpy() for name, t in topk.to_topk(torch.stack(per_view, 1), k,
-                                                                       torch.float16).items()}
+                                                                       "float16").items()}
                 writer.put(Rows(start=sl.start, arrays=arrays))

@@ -29,8 +29,8 @@ class WriteLock:
                 holder = os.read(fd, 64).decode(errors="replace").strip() or "another process"
                 os.close(fd)
                 raise KDCacheError(
-                    f"another dump is writing {self.path[:-5]} (pid {holder}): wait for it to finish, "
-                    "or write to another --out"
+                    f"another kdcache process is writing {self.path[:-5]} (pid {holder}): wait for it to finish, "
+                    "or write to another output"
                 ) from None
             try:  # the holder before us may have unlinked this file: then lock the new one instead
                 if os.fstat(fd).st_ino == os.stat(self.path).st_ino:

@@ -25,31 +25,50 @@ def agreement(student_logits: Tensor, teacher_argmax: Tensor) -> float:
     return (student_logits.argmax(dim=1) == teacher_argmax).float().mean().item()
 
 
-def reliability(probs: Tensor, y: Tensor, n_bins: int = 15) -> dict:
-    """Per-bin statistics of max-prob confidence over equal-width bins of [0, 1].
+class Calibration:
+    """Reliability-diagram statistics accumulated batch by batch (so a per-token evaluation never holds all logits):
+    per-bin counts, confidence sums and correct sums over equal-width bins of the max-prob confidence."""
 
-    Bin b holds confidences in ``(b / n_bins, (b + 1) / n_bins]``.  Returns a
-    JSON-serialisable dict with ``edges`` (n_bins + 1), per-bin ``confidence``,
-    ``accuracy`` (None for empty bins) and ``count``, plus the total ``ece``.
+    def __init__(self, n_bins: int = 15) -> None:
+        self.n_bins = n_bins
+        self.count = torch.zeros(n_bins, dtype=torch.float64)
+        self.conf = torch.zeros(n_bins, dtype=torch.float64)
+        self.correct = torch.zeros(n_bins, dtype=torch.float64)
+
+    def add(self, probs: Tensor, y: Tensor) -> None:
+        """Add labelled rows (labels >= 0) of probabilities (N, C)."""
+        labelled = y >= 0
+        probs, y = probs[labelled].float().cpu(), y[labelled].cpu()
+        conf, pred = probs.max(dim=1)
+        edges = torch.linspace(0.0, 1.0, self.n_bins + 1)
+        bins = torch.bucketize(conf, edges[1:-1], right=False)
+        self.count += torch.bincount(bins, minlength=self.n_bins).double()
+        self.conf.index_add_(0, bins, conf.double())
+        self.correct.index_add_(0, bins, (pred == y).double())
+
+    def result(self) -> dict:
+        """``edges`` (n_bins + 1), per-bin ``confidence``, ``accuracy`` (None for empty bins) and ``count``, and
+        ``ece`` = sum_b (n_b / N) |acc_b - conf_b| (NaN with no rows); JSON-serialisable."""
+        total = float(self.count.sum())
+        gap = float((self.correct - self.conf).abs().sum() / total) if total else float("nan")
+        counts = [int(n) for n in self.count.tolist()]
+        return {
+            "edges": torch.linspace(0.0, 1.0, self.n_bins + 1).tolist(),
+            "confidence": [c / n if n else None for c, n in zip(self.conf.tolist(), counts)],
+            "accuracy": [a / n if n else None for a, n in zip(self.correct.tolist(), counts)],
+            "count": counts,
+            "ece": gap,
+        }
+
+
+def reliability(probs: Tensor, y: Tensor, n_bins: int = 15) -> dict:
+    """Per-bin statistics of max-prob confidence over equal-width bins of [0, 1] (see Calibration.result).
+
+    Bin b holds confidences in ``(b / n_bins, (b + 1) / n_bins]``; only labelled rows count.
     """
-    labelled = y >= 0
-    probs, y = probs[labelled].float(), y[labelled]
-    conf, pred = probs.max(dim=1)
-    correct = (pred == y).float()
-    edges = torch.linspace(0.0, 1.0, n_bins + 1, device=probs.device)
-    bins = torch.bucketize(conf, edges[1:-1], right=False)
-    count = torch.bincount(bins, minlength=n_bins).float()
-    conf_sum = torch.zeros(n_bins, device=probs.device).index_add_(0, bins, conf)
-    acc_sum = torch.zeros(n_bins, device=probs.device).index_add_(0, bins, correct)
-    gap = (acc_sum - conf_sum).abs().sum() / count.sum() if len(y) else torch.tensor(float("nan"))
-    counts = [int(n) for n in count.tolist()]
-    return {
-        "edges": edges.tolist(),
-        "confidence": [c / n if n else None for c, n in zip(conf_sum.tolist(), counts)],
-        "accuracy": [a / n if n else None for a, n in zip(acc_sum.tolist(), counts)],
-        "count": counts,
-        "ece": float(gap),
-    }
+    calib = Calibration(n_bins)
+    calib.add(probs, y)
+    return calib.result()
 
 
 def ece(probs: Tensor, y: Tensor, n_bins: int = 15) -> float:

@@ -22,7 +22,14 @@ class Objective:
 
     def __call__(self, heads: Tensor, y: Tensor, targets: list[SoftTarget],
                  generator: torch.Generator | None = None) -> Tensor:
-        """`heads`: (B, H, C) student logits; H = 1, or 1 + one distillation token per teacher."""
+        """`heads`: (B, H, C) student logits; H = 1, or 1 + one distillation token per teacher. Per-token tasks give
+        (B, H, L, C) with labels (B, L): every position is a row, and padding positions (label -1) carry no loss."""
+        if heads.dim() == 4:
+            keep = y >= 0
+            if not bool(keep.any()):
+                return heads.sum() * 0.0
+            heads, y = heads.permute(0, 2, 1, 3)[keep], y[keep]
+            targets = [take_rows(t, keep) for t in targets]
         c = self.cfg
         cls = heads[:, 0]
         per_teacher = [heads[:, i] for i in range(1, heads.shape[1])] or [cls] * len(targets)
@@ -44,9 +51,9 @@ class Objective:
                                     lambdas, taus, c.alpha, c.topk_mode)
 
 
-def permute_target(t: SoftTarget, perm: Tensor) -> SoftTarget:
-    """The same soft targets in another sample order (for mixup partners)."""
-    return replace(t, **{f.name: getattr(t, f.name)[perm] for f in fields(t)
+def take_rows(t: SoftTarget, index: Tensor) -> SoftTarget:
+    """The soft targets of the rows `index` selects (a permutation for mixup partners, a mask of token positions)."""
+    return replace(t, **{f.name: getattr(t, f.name)[index] for f in fields(t)
                          if isinstance(getattr(t, f.name), Tensor)})
 
 
@@ -58,5 +65,5 @@ def mixup_loss(objective: Objective, heads: Tensor, y: Tensor, targets: list[Sof
     distributions (up to a constant), i.e. the stored soft targets mixed with the same λ. It is an
     approximation of what the teacher would say about x̃ itself, which the cache never saw.
     """
-    partner = [permute_target(t, perm) for t in targets]
+    partner = [take_rows(t, perm) for t in targets]
     return lam * objective(heads, y, targets, generator) + (1 - lam) * objective(heads, y[perm], partner, generator)

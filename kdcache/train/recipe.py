@@ -20,7 +20,8 @@ from torch import Tensor
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from kdcache.config import TrainConfig
-from kdcache.data.datasets import open_dataset
+from kdcache.data.datasets import is_factory, open_dataset
+from kdcache.data.hftok import check_model_vocab
 from kdcache.data.render import ModelInput, image_only, model_input
 from kdcache.data.sources import SourceDataset
 from kdcache.data.views import AugmentSpec
@@ -132,8 +133,9 @@ def epoch_line(row: dict, epochs: int) -> str:
     """One epoch's results as a log line."""
     extra = "" if row.get("agreement") is None else f", agrees w/ teacher {100 * row['agreement']:.1f}%"
     ece = "" if row.get("test_ece") is None else f", ECE {row['test_ece']:.4f}"
+    ppl = "" if row.get("test_ppl") is None else f", perplexity {row['test_ppl']:.3f}"
     return (f"epoch {row['epoch']}/{epochs}: train loss {row['train_loss']:.4f}, test top-1 {100 * row['test_top1']:.2f}%"
-            f"{ece}{extra}, {row['samples_per_s']:.0f} samples/s, {row['train_seconds']:.1f} s")
+            f"{ppl}{ece}{extra}, {row['samples_per_s']:.0f} samples/s, {row['train_seconds']:.1f} s")
 
 
 def _open_caches(cfg: TrainConfig, stack: ExitStack) -> list[Cache]:
@@ -144,16 +146,30 @@ def _open_caches(cfg: TrainConfig, stack: ExitStack) -> list[Cache]:
     return caches
 
 
-def _dataset_spec(cfg: TrainConfig, caches: list[Cache]) -> tuple[str, int | None]:
-    """The dataset and image size to train on: as given, else as the first cache recorded them."""
+@dataclass(frozen=True)
+class DataChoice:
+    """The dataset to train on and how to open it: as given, else as the first cache recorded it."""
+
+    spec: str
+    image_size: int | None
+    seq_len: int | None
+    tokenizer: str | None
+
+    def open(self, split: str, data_root: str | None) -> SourceDataset:
+        return open_dataset(self.spec, split, data_root, False, self.seq_len, self.tokenizer)
+
+
+def _dataset_spec(cfg: TrainConfig, caches: list[Cache]) -> DataChoice:
     if not caches:
-        return cfg.dataset or "digits", cfg.image_size
+        return DataChoice(cfg.dataset or "digits", cfg.image_size, cfg.seq_len, cfg.tokenizer)
     a = caches[0].attrs
     spec = cfg.dataset or a["dataset"]["spec"]
-    if cfg.dataset is None and (":" in spec and not spec.startswith("imagefolder:")):
+    if cfg.dataset is None and is_factory(spec):
         raise KDCacheError(f"the cache was dumped from the dataset factory {spec!r}: kdtrain does not import code "
                            f"named by a cache; pass --dataset {spec} yourself if you trust it")
-    return spec, cfg.image_size or a["teacher"]["preprocess"].get("image_size")
+    recorded = a["dataset"]
+    return DataChoice(spec, cfg.image_size or a["teacher"]["preprocess"].get("image_size"),
+                      cfg.seq_len or recorded.get("seq_len"), cfg.tokenizer or recorded.get("tokenizer"))
 
 
 def _student_kwargs(cfg: TrainConfig, n_teachers: int) -> dict:
@@ -205,17 +221,18 @@ def _run(cfg: TrainConfig, d: Dist, device: torch.device, targets: Targets | Non
     with ExitStack() as stack:
         caches = _open_caches(cfg, stack)
         targets = targets or Targets(len(caches))
-        spec, image_size = _dataset_spec(cfg, caches)
-        train_ds = open_dataset(spec, "train", cfg.data_root)
-        test_ds = open_dataset(spec, "test", cfg.data_root)
+        data = _dataset_spec(cfg, caches)
+        train_ds, test_ds = data.open("train", cfg.data_root), data.open("test", cfg.data_root)
         check_alignment(caches, train_ds)
         test_cache = stack.enter_context(open_cache(cfg.test_cache)) if cfg.test_cache else None
         if test_cache is not None:
             check_alignment([test_cache], test_ds)
-        pre = model_input(train_ds.info, image_size)
+        pre = model_input(train_ds.info, data.image_size)
         objective = Objective(cfg.loss.resolve(targets.n_teachers))
         student_args = _student_kwargs(cfg, targets.n_teachers)
-        model = build_model(cfg.student, train_ds.info.num_classes, pre.input_shape, student_args).to(device)
+        check_model_vocab(cfg.student, train_ds.info.vocab)
+        model = build_model(cfg.student, train_ds.info.num_classes, pre.input_shape, student_args,
+                            **train_ds.info.model_inputs).to(device)
         if device.type == "cuda" and len(pre.input_shape) == 3:
             model = model.to(memory_format=torch.channels_last)
         loader = PairedLoader(train_ds, caches, cfg.batch_size, cfg.seed, cfg.num_workers, device,
@@ -224,7 +241,7 @@ def _run(cfg: TrainConfig, d: Dist, device: torch.device, targets: Targets | Non
         scaler = torch.amp.GradScaler(enabled=amp_dtype(device) == torch.float16)
         meta = {"student": cfg.student, "student_args": student_args,
                 "num_classes": train_ds.info.num_classes, "image_size": getattr(pre, "image_size", None),
-                "input": train_ds.info.input_json(), "params": param_count(model), "dataset": spec,
+                "input": train_ds.info.input_json(), "params": param_count(model), "dataset": data.spec,
                 "world_size": d.world_size, "caches": [c.path for c in caches],
                 "teachers": [{"cache": c.path, **c.attrs["teacher"]} for c in caches]}
         start, best = run.restore(model, opt, sched, scaler, meta)
@@ -242,9 +259,11 @@ def _run(cfg: TrainConfig, d: Dist, device: torch.device, targets: Targets | Non
             train_time = time.perf_counter() - t_epoch
             ev = evaluate(model, test_ds, pre, device, test_cache)
             row = {"epoch": epoch + 1, "train_loss": loss_sum / max(seen, 1), "test_top1": ev["top1"],
-                   "test_ece": ev["ece"], "test_nll": ev["nll"], "agreement": ev.get("agreement"),
-                   "lr": sched.get_last_lr()[0], "train_seconds": train_time,
+                   "test_ece": ev["ece"], "test_nll": ev["nll"], "test_ppl": ev.get("perplexity"),
+                   "agreement": ev.get("agreement"), "lr": sched.get_last_lr()[0], "train_seconds": train_time,
                    "samples_per_s": seen / max(train_time, 1e-9)}
+            if "top1_by_group" in ev:
+                row["top1_by_group"] = ev["top1_by_group"]
             best = run.end_epoch(row, ev, model, opt, sched, scaler, meta, best, cfg.plots)
             say(epoch_line(row, cfg.epochs), cfg.progress and d.main)
         config = asdict(replace(cfg, loss=objective.cfg))

@@ -12,8 +12,8 @@ import torch
 from kdcache.errors import KDCacheError
 
 RESUME_KEYS = ("student", "student_args", "num_classes", "input", "caches")  # what a resumed run must share
-LOG_FIELDS = ("epoch", "train_loss", "test_top1", "test_ece", "test_nll", "agreement", "lr", "train_seconds",
-              "samples_per_s")
+LOG_FIELDS = ("epoch", "train_loss", "test_top1", "test_ece", "test_nll", "test_ppl", "agreement", "lr",
+              "train_seconds", "samples_per_s")  # log.csv's columns; metrics.json keeps every field of each epoch
 
 
 def _atomic_save(obj: dict, path: str) -> None:
@@ -86,7 +86,7 @@ class RunDir:
         if not self.writer:
             return max(best, row["test_top1"])
         with open(self.log_path, "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=LOG_FIELDS, lineterminator="\n")
+            w = csv.DictWriter(f, fieldnames=LOG_FIELDS, lineterminator="\n", extrasaction="ignore")
             w.writeheader()
             w.writerows(self.rows)
         state = {"model": model.state_dict(), "arch": meta["student"], "arch_args": meta["student_args"],
