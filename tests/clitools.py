@@ -15,16 +15,16 @@ from pathlib import Path
 import numpy as np
 
 
-def dump_args(weights, out=None, *extra, teacher: str = "mlp", image_size: int = 8, dataset: str = "digits",
+def dump_args(weights, out=None, *extra, teacher: str = "mlp", image_size: int | None = 8, dataset: str = "digits",
               chunk_rows: int | None = None) -> list[str]:
     """Arguments of `kdcache dump` (the subcommand name first), every one a str.
 
-    TEACHER with WEIGHTS over DATASET at IMAGE_SIZE px, on the CPU, with --quiet; `--chunk-rows` when
-    CHUNK_ROWS is given, `--out OUT` unless OUT is None (then the dump writes its default, logits.zarr in the
-    working folder), then EXTRA as given.
+    TEACHER with WEIGHTS over DATASET at IMAGE_SIZE px (None: no --image-size, as tensor data needs), on the
+    CPU, with --quiet; `--chunk-rows` when CHUNK_ROWS is given, `--out OUT` unless OUT is None (then the dump
+    writes its default, logits.zarr in the working folder), then EXTRA as given.
     """
-    args = ["dump", "--teacher", teacher, "--weights", weights, "--dataset", dataset, "--image-size", image_size,
-            "--device", "cpu", "--quiet"]
+    args = ["dump", "--teacher", teacher, "--weights", weights, "--dataset", dataset,
+            *(["--image-size", image_size] if image_size is not None else []), "--device", "cpu", "--quiet"]
     if chunk_rows is not None:
         args += ["--chunk-rows", chunk_rows]
     if out is not None:

@@ -6,8 +6,8 @@ at that point the dump writes its pid to the marker file and sleeps until it is 
 
   a          before the first chunk is written
   b          mid-chunk: the values of chunk 5 written, its checksum and done flag not
-  c, lock,   just after chunk 7 is marked done
-  train
+  c, g,      just after chunk 7 is marked done (g: a token cache)
+  lock, train
   d          finalisation: every chunk done, the status not flipped to complete yet
   e          HDF5 conversion half way: a partial <out>.h5.tmp on disk
 
@@ -34,7 +34,7 @@ def hang() -> None:
 
 def install(point: str) -> None:
     """Patch kdcache so that a dump hangs at `point`; a point this module does not know patches nothing."""
-    if point in ("a", "b", "c", "lock", "train"):
+    if point in ("a", "b", "c", "g", "lock", "train"):
         from kdcache.io import writer
 
         orig_write_chunk = writer.ChunkWriter._write_chunk
@@ -46,7 +46,7 @@ def install(point: str) -> None:
                 self.store["values"][sl] = buf.arrays["values"]
                 hang()
             orig_write_chunk(self, c, sl, buf)
-            if point in ("c", "lock", "train") and c == 7:
+            if point in ("c", "g", "lock", "train") and c == 7:
                 hang()
 
         writer.ChunkWriter._write_chunk = _write_chunk

@@ -31,6 +31,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import tokenplug
+import torch
 import zarr
 from clitools import assert_same_arrays, dump_args, error_line, invoke, read_plain, tree_hash
 
@@ -57,7 +59,17 @@ def crash_dir(tmp_path_factory, save_teacher) -> Path:
     """This module's scratch folder, holding teacher.pt (a random-weights 8 px mlp for digits)."""
     d = tmp_path_factory.mktemp("crash")
     save_teacher(d / "teacher.pt")
+    torch.save(tokenplug.successor(tokenplug.VOCAB, (tokenplug.LENGTH,), tokenplug.VOCAB).state_dict(),
+               d / "successor.pt")
     return d
+
+
+def _source(crash_dir: Path, dataset: str) -> dict:
+    """dump_args options for a scenario's data: the digits mlp, or (token caches) the counting successor."""
+    if dataset.startswith("tokenplug:"):
+        return {"teacher": "tokenplug:successor", "weights": crash_dir / "successor.pt", "image_size": None,
+                "chunk_rows": 8, "dataset": dataset}  # 96 sequences in 12 chunks, as digits
+    return {"weights": crash_dir / "teacher.pt", "chunk_rows": ROWS, "dataset": dataset}
 
 
 @pytest.fixture(scope="module")
@@ -65,12 +77,13 @@ def uninterrupted(crash_dir):
     """ref(suffix, *extra) -> path of an uninterrupted in-process dump of digits with those options (memoised)."""
     made: dict[tuple, str] = {}
 
-    def ref(suffix: str, *extra) -> str:
-        key = (suffix, *map(str, extra))
+    def ref(suffix: str, *extra, dataset: str = "digits") -> str:
+        key = (suffix, dataset, *map(str, extra))
         if key not in made:
             out = crash_dir / "ref" / f"ref{len(made)}{suffix}"
             out.parent.mkdir(exist_ok=True)
-            r = invoke(kdcache_main, dump_args(crash_dir / "teacher.pt", out, *extra, chunk_rows=ROWS))
+            src = _source(crash_dir, dataset)
+            r = invoke(kdcache_main, dump_args(src.pop("weights"), out, *extra, **src))
             assert r.exit_code == 0, r.output
             made[key] = str(out)
         return made[key]
@@ -107,10 +120,11 @@ SCENARIOS = {
     "d": (".zarr", "digits", ("--topk", 3)),
     "e": (".h5", "digits", ("--topk", 3)),
     "f": (".h5", "killds:digits", ()),
+    "g": (".zarr", "tokenplug:counting", ("--topk", 8)),  # a token cache with q8 values
     "lock": (".zarr", "digits", ()),
     "train": (".zarr", "digits", ()),  # hangs like c; its partial cache goes to kdtrain with the default --cache-ram
 }
-KILL_POINTS = ["a", "b", "c", "d", "e", "f"]
+KILL_POINTS = ["a", "b", "c", "d", "e", "f", "g"]
 
 
 def _wait_until(cond, what: str, timeout: float = MARKER_TIMEOUT_S) -> None:
@@ -130,7 +144,8 @@ def scenarios(crash_dir):
     for point, (suffix, dataset, extra) in SCENARIOS.items():
         sc = Scenario(point, suffix, dataset, extra, out=str(crash_dir / f"kill-{point}{suffix}"),
                       marker=str(crash_dir / f"kill-{point}.marker"))
-        sc.args = dump_args(crash_dir / "teacher.pt", sc.out, *extra, dataset=dataset, chunk_rows=ROWS)
+        src = _source(crash_dir, dataset)
+        sc.args = dump_args(src.pop("weights"), sc.out, *extra, **src)
         started[point] = sc
     spec = crash_dir / "scenarios.json"
     specs = [{"point": sc.point, "marker": sc.marker, "args": sc.args} for sc in started.values()]
@@ -210,7 +225,7 @@ def test_sigkill_then_resume_is_byte_identical(scenarios, uninterrupted, crash_d
     attrs = dict(g.attrs["kdcache"])
     assert attrs["status"] == "partial" and "stats" not in attrs
     done = np.asarray(g["done"][...])
-    expected_done = {"a": 0, "b": 5, "c": 8, "d": N_CHUNKS, "e": N_CHUNKS}
+    expected_done = {"a": 0, "b": 5, "c": 8, "d": N_CHUNKS, "e": N_CHUNKS, "g": 8}
     if point in expected_done:
         assert done.tolist() == [1] * expected_done[point] + [0] * (N_CHUNKS - expected_done[point])
     else:  # f: hung fetching row 700 (chunk 5); the writer thread may still have been on chunk 4
@@ -243,7 +258,7 @@ def test_sigkill_then_resume_is_byte_identical(scenarios, uninterrupted, crash_d
     # --resume (same command) finishes it: byte-identical to a dump that was never interrupted
     r = invoke(kdcache_main, [*sc.args, "--resume"])
     assert r.exit_code == 0, r.output
-    _assert_same_arrays(sc.out, uninterrupted(sc.suffix, *sc.extra))
+    _assert_same_arrays(sc.out, uninterrupted(sc.suffix, *sc.extra, dataset=sc.dataset))
     assert not os.path.exists(sc.out + ".lock")
     if sc.suffix == ".h5":
         assert not os.path.exists(sc.out + ".partial.zarr") and not os.path.exists(sc.out + ".tmp")

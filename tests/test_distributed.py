@@ -18,7 +18,7 @@ from clitools import dump_args
 
 from kdcache.models import build_model
 
-ARRAYS = ("values", "indices", "tail", "labels", "views", "done", "checksum")
+ARRAYS = ("values", "top", "codes", "indices", "tail", "labels", "views", "done", "checksum")
 
 
 def _env(tmp_path) -> dict:
@@ -155,3 +155,27 @@ def test_killed_sharded_dump_stays_partial_and_resumes_on_other_world_size(tmp_p
                          capture_output=True, text=True)
     assert ref.returncode == 0, ref.stderr
     _same(str(tmp_path / "ref.zarr"), str(tmp_path / "k.zarr"))
+
+
+def test_two_process_token_dump_is_byte_identical_and_trains_with_ddp(tmp_path):
+    """A token cache (q8 values, one row per position) sharded over two ranks equals the one-process dump."""
+    import shutil
+
+    import torch
+
+    import tokenplug
+
+    shutil.copy(tokenplug.__file__, tmp_path / "tokenplug.py")
+    torch.save(tokenplug.successor(tokenplug.VOCAB, (tokenplug.LENGTH,), tokenplug.VOCAB).state_dict(),
+               tmp_path / "succ.pt")
+    src = {"teacher": "tokenplug:successor", "image_size": None, "dataset": "tokenplug:counting", "chunk_rows": 8}
+    single = subprocess.run([sys.executable, "-m", "kdcache", *dump_args("succ.pt", "one.zarr", "--topk", 8, **src)],
+                            cwd=tmp_path, env=_env(tmp_path), capture_output=True, text=True)
+    assert single.returncode == 0, single.stderr
+    _run_ok(tmp_path, *dump_args("succ.pt", "two.zarr", "--topk", 8, **src))
+    _same(str(tmp_path / "one.zarr"), str(tmp_path / "two.zarr"))
+    _run_ok(tmp_path, "train", "--cache", "two.zarr", "--dataset", "tokenplug:counting", "--student",
+            "tokenplug:bigram", "--epochs", "2", "--lr", "0.05", "--batch-size", "16", "--quiet", "--no-plots",
+            "--out", "run")
+    m = json.load(open(tmp_path / "run" / "metrics.json"))
+    assert m["world_size"] == 2 and len(m["history"]) == 2 and 1 < m["final"]["test_ppl"] < tokenplug.VOCAB
