@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import socket
@@ -178,4 +179,5 @@ def test_two_process_token_dump_is_byte_identical_and_trains_with_ddp(tmp_path):
             "tokenplug:bigram", "--epochs", "2", "--lr", "0.05", "--batch-size", "16", "--quiet", "--no-plots",
             "--out", "run")
     m = json.load(open(tmp_path / "run" / "metrics.json"))
-    assert m["world_size"] == 2 and len(m["history"]) == 2 and 1 < m["final"]["test_ppl"] < tokenplug.VOCAB
+    assert m["world_size"] == 2 and m["history"][1]["train_loss"] < m["history"][0]["train_loss"]
+    assert math.isfinite(m["final"]["test_ppl"])
