@@ -112,10 +112,11 @@ def _bytes(text: str) -> int:
 
 
 @kdcache_main.command(context_settings=CONTEXT)
-@click.option("--teacher", required=True, help="torchvision model name, a built-in (cifar_resnet18, cnn_s, "
-              "rednet26_s, …) or package.module:factory.")
-@click.option("--weights", default=None, help="Checkpoint path (state_dict; kdtrain's checkpoints work) or DEFAULT "
-              "for torchvision's published weights.")
+@click.option("--teacher", "teachers", required=True, multiple=True, help="torchvision model name, a built-in "
+              "(cifar_resnet18, cnn_s, gpt_nano, …), timm:NAME, hf:DIR or package.module:factory. Repeat (with "
+              "--out, and --weights/--image-size if given, once per teacher) to dump several teachers in one pass.")
+@click.option("--weights", "weights", multiple=True, help="Checkpoint path (state_dict; kdtrain's checkpoints work) "
+              "or DEFAULT for published weights [default: kdtrain's run of that name, runs/NAME/best.pt].")
 @click.option("--teacher-arg", "teacher_args", multiple=True, help="KEY=VALUE for the teacher's builder "
               "(kdtrain checkpoints record theirs, e.g. width=16).")
 @click.option("--dataset", default=default(DumpConfig, "dataset"), show_default=True, help="digits, cifar10, cifar100, "
@@ -125,12 +126,13 @@ def _bytes(text: str) -> int:
 @click.option("--download", is_flag=True, help="Download a torchvision dataset that is missing.")
 @click.option("--seq-len", type=int, default=None, help="Tokens per sample of text:/tokens:/pydoc datasets.")
 @click.option("--tokenizer", default=None, help="text:/pydoc datasets: bytes (default) or hf:DIR.")
-@click.option("--out", default=default(DumpConfig, "out"), show_default=True, help="Cache path: .zarr or .h5/.hdf5.")
+@click.option("--out", "outs", multiple=True, help=f"Cache path: .zarr or .h5/.hdf5 [default: "
+              f"{default(DumpConfig, 'out')}].")
 @click.option("--topk", type=int, default=None, help="Keep the top-k logits (+ tail); omit for full logits.")
 @click.option("--dtype", type=click.Choice(["auto", *VALUE_DTYPES]), default=default(DumpConfig, "dtype"),
               show_default=True, help="Values: auto is q8 for per-token top-k caches, else float16.")
-@click.option("--image-size", type=int, default=None, help="Teacher input size for images [default: 32 for images "
-              "≤ 32 px, else 224].")
+@click.option("--image-size", "image_sizes", type=int, multiple=True, help="Teacher input size for images "
+              "[default: 32 for images ≤ 32 px, else 224]; once for all teachers, or once per teacher.")
 @click.option("--batch-size", type=int, default=default(DumpConfig, "batch_size"), show_default=True)
 @click.option("--num-workers", type=int, default=default(DumpConfig, "num_workers"), show_default=True)
 @click.option("--device", default=default(DumpConfig, "device"), show_default=True, help="auto, cpu, cuda or cuda:N.")
@@ -148,15 +150,32 @@ def _bytes(text: str) -> int:
 @click.option("--overwrite", is_flag=True, help="Replace an existing cache at --out.")
 @click.option("--quiet", is_flag=True, help="No progress output.")
 @clean_errors(INTERRUPTED_DUMP)
-def dump(quiet: bool, teacher_args: tuple[str, ...], **kw: Any) -> None:
-    """Run a teacher once over a dataset and write its logits into a cache."""
-    cfg = DumpConfig(teacher_args=_builder_args(teacher_args, "--teacher-arg"), progress=not quiet,
-                     command=_command_line(), **kw)
-    from kdcache.ops.dump import run_dump
+def dump(quiet: bool, teachers: tuple[str, ...], weights: tuple[str, ...], outs: tuple[str, ...],
+         image_sizes: tuple[int, ...], teacher_args: tuple[str, ...], **kw: Any) -> None:
+    """Run teachers once over a dataset and write their logits into caches (one per teacher)."""
+    cfgs = [DumpConfig(teacher=t, weights=w, out=o, image_size=size, progress=not quiet, command=_command_line(),
+                       teacher_args=_builder_args(teacher_args, "--teacher-arg"), **kw)
+            for t, w, o, size in zip(teachers, *_per_teacher(len(teachers), weights, outs, image_sizes, teacher_args))]
+    from kdcache.ops.dump import run_dumps
 
-    out = run_dump(cfg)
-    if _rank0():
-        click.echo(f"wrote {out}")
+    for out in run_dumps(cfgs):
+        if _rank0():
+            click.echo(f"wrote {out}")
+
+
+def _per_teacher(n: int, weights: tuple, outs: tuple, sizes: tuple, teacher_args: tuple) -> tuple[list, list, list]:
+    """--weights, --out and --image-size paired with the teachers in order (weights and sizes may be left out)."""
+    if n > 1 and teacher_args:
+        raise KDCacheError("--teacher-arg applies to a single --teacher: with several, each teacher takes its options "
+                           "from its checkpoint (kdtrain records them), or dump them one at a time")
+    if n == 1 and not outs:
+        outs = (default(DumpConfig, "out"),)
+    for flag, values, optional in (("--out", outs, False), ("--weights", weights, True),
+                                   ("--image-size", sizes, True)):
+        if len(values) != n and not (optional and not values) and not (flag == "--image-size" and len(values) == 1):
+            raise KDCacheError(f"{flag} was given {len(values)} time(s) for {n} --teacher: give it once per "
+                               f"teacher, in the same order{'' if not optional else ', or not at all'}")
+    return list(weights) or [None] * n, list(outs), list(sizes) * (n if len(sizes) == 1 else 1) or [None] * n
 
 
 @kdcache_main.command(context_settings=CONTEXT)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from contextlib import ExitStack
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -142,13 +142,46 @@ def load_teacher(cfg: DumpConfig, info: DatasetInfo, pre: ModelInput, device: to
     return model, ident
 
 
+SHARED = ("dataset", "split", "data_root", "download", "seq_len", "tokenizer", "topk", "dtype", "batch_size",
+          "num_workers", "device", "chunk_rows", "compressor", "views", "augment", "seed", "rows", "resume",
+          "overwrite")  # what every teacher of one pass must share (each has its own teacher, weights, out, size)
+
+
+@dataclass
+class _Teacher:
+    """One teacher of a pass: its config, model, input, cache layout, output and (while writing) its writer."""
+
+    cfg: DumpConfig
+    model: torch.nn.Module
+    input: ModelInput
+    output: Output
+    attrs: dict
+    store: Store | None = None
+    done: np.ndarray | None = None
+    writer: ChunkWriter | None = None
+
+
 def run_dump(cfg: DumpConfig) -> str:
     """Dump (or resume) a cache as `cfg` says; returns the path of the finished cache."""
-    output = Output(cfg.out, "dump", compressor=cfg.compressor)
+    return run_dumps([cfg])[0]
+
+
+def run_dumps(cfgs: list[DumpConfig]) -> list[str]:
+    """Dump several teachers in one pass over the data: each sample is read, decoded and (for views) augmented
+    once, then every teacher sees it at its own resolution and normalisation, and each writes its own cache —
+    the same cache, array for array, that a separate dump of that teacher writes."""
+    cfg = cfgs[0]
+    for other in cfgs[1:]:
+        for key in SHARED:
+            if getattr(other, key) != getattr(cfg, key):
+                raise KDCacheError(f"teachers dumped in one pass share --{key.replace('_', '-')}: got "
+                                   f"{getattr(cfg, key)!r} and {getattr(other, key)!r}; dump them separately")
+    if len({os.path.realpath(c.out) if "://" not in c.out else c.out for c in cfgs}) < len(cfgs):
+        raise KDCacheError("two teachers of one pass have the same --out: give each teacher its own --out")
+    outputs = [Output(c.out, "dump", compressor=c.compressor) for c in cfgs]
     aug = AugmentSpec.parse(cfg.augment)
     ds = open_dataset(cfg.dataset, cfg.split, cfg.data_root, cfg.download, cfg.seq_len, cfg.tokenizer)
     _check_views(cfg, ds, aug)
-    pre = model_input(ds.info, cfg.image_size)
     rows = parse_rows(cfg.rows, len(ds))
     # Chunk rows depend on the dataset, not the range, so range caches chunk like the whole dump would.
     positions = ds.info.label_shape[0] if ds.info.per_token else None
@@ -158,55 +191,76 @@ def run_dump(cfg: DumpConfig) -> str:
     d = init_from_env(requested.type == "cuda")
     try:
         device = d.device(requested)
-        teacher, ident = load_teacher(cfg, ds.info, pre, device, cfg.progress and d.main)
-        attrs = _attrs(cfg, ds, layout, ident, pre, aug, rows)
-        with ExitStack() as stack:  # rank 0 holds the lock for the whole job
-            d.on_main(lambda: output.prepare(layout, attrs, stack, cfg.overwrite, cfg.resume, RESUME_KEYS))
-            store = output.open()
-            done = np.asarray(store["done"][...], dtype=bool)
-            # Each rank takes every world_size-th unfinished chunk: resumable whatever the earlier world size.
-            todo = [c for c in range(layout.n_chunks) if not done[c]][d.rank::d.world_size]
+        teachers = []
+        for c, output in zip(cfgs, outputs):
+            pre = model_input(ds.info, c.image_size)
+            model, ident = load_teacher(c, ds.info, pre, device, c.progress and d.main)
+            teachers.append(_Teacher(c, model, pre, output, _attrs(c, ds, layout, ident, pre, aug, rows)))
+        with ExitStack() as stack:  # rank 0 holds the locks for the whole job
+            for t in teachers:
+                d.on_main(lambda t=t: t.output.prepare(layout, t.attrs, stack, t.cfg.overwrite, t.cfg.resume,
+                                                       RESUME_KEYS))
+            for t in teachers:
+                t.store = t.output.open()
+                t.done = np.asarray(t.store["done"][...], dtype=bool)
+            # Each rank takes every world_size-th chunk some teacher still lacks: resumable whatever the earlier
+            # world size, and a chunk one teacher has done is not written to it again.
+            todo = [c for c in range(layout.n_chunks) if not all(t.done[c] for t in teachers)][d.rank::d.world_size]
             batches = ChunkBatches(layout, todo, cfg.batch_size, offset=rows[0])
-            _run_chunks(replace(cfg, progress=cfg.progress and d.main), teacher, ds, layout, store, batches, pre,
-                        aug, device)
+            _run_chunks(replace(cfg, progress=cfg.progress and d.main), teachers, ds, layout, batches, aug, device)
             d.barrier()
-            d.on_main(lambda: output.finalize(store))
-            store.close()
-        d.on_main(output.cleanup)
+            for t in teachers:
+                d.on_main(lambda t=t: t.output.finalize(t.store))
+                t.store.close()
+        for t in teachers:
+            d.on_main(t.output.cleanup)
     finally:
         shutdown(d)
-    return cfg.out
+    return [c.out for c in cfgs]
 
 
-def _run_chunks(cfg: DumpConfig, teacher: torch.nn.Module, ds: SourceDataset, layout: Layout, store: Store,
-                batches: ChunkBatches, pre: ModelInput, aug: AugmentSpec, device: torch.device) -> None:
+def _run_chunks(cfg: DumpConfig, teachers: list[_Teacher], ds: SourceDataset, layout: Layout, batches: ChunkBatches,
+                aug: AugmentSpec, device: torch.device) -> None:
     loader = DataLoader(ds, batch_sampler=batches, num_workers=cfg.num_workers,
                         pin_memory=device.type == "cuda", persistent_workers=False)
     cuda = device.type == "cuda"
-    writer = ChunkWriter(store, layout)
+    for t in teachers:
+        t.writer = ChunkWriter(t.store, layout)
+    name = "+".join(t.cfg.teacher for t in teachers)
     try:
-        with progress(total=batches.rows, desc=f"dump {cfg.teacher}", unit="sample", enable=cfg.progress) as bar, \
+        with progress(total=batches.rows, desc=f"dump {name}", unit="sample", enable=cfg.progress) as bar, \
                 torch.inference_mode():
             for samples, labels, idx in loader:
                 idx_np = idx.numpy()
+                start = int(idx_np[0]) - batches.offset
                 views = identity_views(len(idx_np), cfg.views) if aug.is_identity \
                     else sample_views(aug, idx_np, cfg.views, cfg.seed)
                 x = samples.to(device, non_blocking=True)
                 v_t = torch.from_numpy(views).to(device, non_blocking=True)
-                per_view = []
-                for v in range(cfg.views):
-                    with autocast(device):
-                        per_view.append(teacher(to_model_layout(pre(x, v_t[:, v]))).float())
-                out = to_topk(torch.stack(per_view, 1), cfg.topk, layout.value_dtype)
-                arrays: dict[str, object] = {k: t.to("cpu", non_blocking=cuda) for k, t in out.items()}
-                ready = None
-                if cuda:
-                    event = torch.cuda.Event()
-                    event.record()
-                    ready = event.synchronize
-                arrays["labels"] = labels.numpy().astype(np.int64)
-                arrays["views"] = views
-                writer.put(Rows(start=int(idx_np[0]) - batches.offset, arrays=arrays, ready=ready))
+                for t in teachers:
+                    if t.done[start // layout.chunk_rows]:
+                        continue  # this teacher's cache has the chunk already (a resumed pass)
+                    per_view = []
+                    for v in range(cfg.views):
+                        with autocast(device):
+                            per_view.append(t.model(to_model_layout(t.input(x, v_t[:, v]))).float())
+                    out = to_topk(torch.stack(per_view, 1), cfg.topk, layout.value_dtype)
+                    arrays: dict[str, object] = {k: a.to("cpu", non_blocking=cuda) for k, a in out.items()}
+                    ready = None
+                    if cuda:
+                        event = torch.cuda.Event()
+                        event.record()
+                        ready = event.synchronize
+                    arrays["labels"] = labels.numpy().astype(np.int64)
+                    arrays["views"] = views
+                    t.writer.put(Rows(start=start, arrays=arrays, ready=ready))
                 bar.update(len(idx_np))
     finally:
-        writer.close()
+        errors = []
+        for t in teachers:
+            try:
+                t.writer.close()
+            except KDCacheError as e:
+                errors.append(e)
+        if errors:
+            raise errors[0]
