@@ -322,3 +322,25 @@ def test_hf_identity_of_shards_and_torch_bin(hf, tmp_path):
     os.remove(shards / "model-00002-of-00002.safetensors")
     with pytest.raises(KDCacheError, match="is missing"):
         weight_files(str(shards))
+
+
+def test_hf_teacher_dump_and_gpt_nano_student_end_to_end(hf, tmp_path):
+    """text tokenized by the hf tokenizer → an hf:DIR teacher's per-token top-k cache → a gpt_nano student."""
+    import json
+
+    from clitools import error_line, kd, kt, ok
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join(TEXTS * 40))
+    teacher = f"hf:{hf['dirs']['tiny']}"
+    base = ["--dataset", f"text:{corpus}", "--seq-len", "16", "--device", "cpu", "--quiet"]
+    ok(kd("dump", "--teacher", teacher, "--tokenizer", teacher, *base, "--topk", "8", "--out", tmp_path / "t.zarr"))
+    attrs = json.loads((tmp_path / "t.zarr" / "zarr.json").read_text())["attributes"]["kdcache"]
+    assert attrs["teacher"]["weights"]["source"] == "hf" and attrs["dataset"]["vocab"]["size"] == hf["V"]
+    assert attrs["positions"] == 16 and attrs["value_dtype"] == "q8"
+    ok(kt("--cache", tmp_path / "t.zarr", "--dataset", f"text:{corpus}", "--student", "gpt_nano", "--student-arg",
+          "dim=32", "--student-arg", "depth=1", "--epochs", "1", *base[4:], "--no-plots", "--out", tmp_path / "s"))
+    m = json.loads((tmp_path / "s" / "metrics.json").read_text())
+    assert m["final"]["test_ppl"] > 1 and m["teachers"][0]["name"] == teacher
+    line = error_line(kd("dump", "--teacher", teacher, *base, "--out", tmp_path / "bytes.zarr"))  # byte-tokenized
+    assert "was saved with the tokenizer" in line and f"--tokenizer {teacher}" in line

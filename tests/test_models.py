@@ -28,8 +28,9 @@ TINY = {
     "cnn_s": {"width": 8},
     "mlp": {"hidden": (32, 16)},
 }
-BUILTINS = ["cifar_resnet18", "cifar_resnet10", "rednet26_s", "rednet_s", "cnn_s", "mlp",
-            "vit_ti", "vit_s", "vit_nano", "mixer_ti"]
+IMAGE_MODELS = ["cifar_resnet18", "cifar_resnet10", "rednet26_s", "rednet_s", "cnn_s", "mlp",
+                "vit_ti", "vit_s", "vit_nano", "mixer_ti"]
+BUILTINS = [*IMAGE_MODELS, "gpt_nano", "lstm_lm", "lstm_cls", "transformer_cls"]  # sequences: test_sequence_models
 
 
 def test_model_names_lists_the_builtins():
@@ -37,7 +38,7 @@ def test_model_names_lists_the_builtins():
 
 
 @pytest.mark.parametrize("size", [8, 16, 32])
-@pytest.mark.parametrize("name", BUILTINS)
+@pytest.mark.parametrize("name", IMAGE_MODELS)
 def test_builtin_output_shape(name, size):
     model = build_model(name, 7, (3, size, size), **TINY.get(name, {})).eval()
     with torch.no_grad():

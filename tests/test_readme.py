@@ -36,3 +36,21 @@ def test_bring_your_own_data_example_runs(tmp_path, monkeypatch):
     ok(kd(*commands[1][1:], *fast))
     ok(kt(*commands[2][1:], "--epochs", "2", *fast, "--no-plots"))
     assert (tmp_path / "sig.zarr" / "zarr.json").exists() and (tmp_path / "runs" / "mlp" / "metrics.json").exists()
+
+
+def test_sequence_example_commands_run(tmp_path, monkeypatch):
+    """The README's three sequence commands, on a small seq-len and epoch count (the rest as written)."""
+    monkeypatch.chdir(tmp_path)
+    (bash,) = _blocks(_section("Sequences and language models"), "bash")
+    commands = [shlex.split(line.split("#")[0]) for line in bash.strip().splitlines()]
+    assert [c[0] for c in commands] == ["kdtrain", "kdcache", "kdtrain"]
+    fast = {"--seq-len": "16", "--epochs": "1"}
+
+    def shrink(args: list[str]) -> list[str]:
+        return [fast.get(args[i - 1], a) if i else a for i, a in enumerate(args)]
+
+    tiny = ["--student-arg", "dim=32", "--student-arg", "depth=1"]
+    ok(kt(*shrink(commands[0][1:]), *tiny, "--device", "cpu", "--quiet", "--no-plots"))
+    ok(kd(*shrink(commands[1][1:]), "--device", "cpu", "--quiet"))
+    ok(kt(*shrink(commands[2][1:]), "--student-arg", "depth=1", "--device", "cpu", "--quiet", "--no-plots"))
+    assert (tmp_path / "runs" / "lm-student" / "metrics.json").exists()

@@ -15,6 +15,7 @@ from .mixer import mixer_ti
 from .mlp import mlp
 from .rednet import rednet26_s, rednet_s
 from .resnet import cifar_resnet10, cifar_resnet18
+from .sequence import gpt_nano, lstm_cls, lstm_lm, transformer_cls
 from .shapes import square_image
 from .vit import vit_nano, vit_s, vit_ti
 
@@ -29,6 +30,10 @@ BUILTINS: dict[str, Callable[..., nn.Module]] = {
     "vit_s": vit_s,
     "vit_nano": vit_nano,
     "mixer_ti": mixer_ti,
+    "gpt_nano": gpt_nano,
+    "lstm_lm": lstm_lm,
+    "lstm_cls": lstm_cls,
+    "transformer_cls": transformer_cls,
 }
 # Options every model accepts at these values, so a CLI can pass its flags unconditionally.
 NEUTRAL_OPTIONS: dict[str, Any] = {"distill_tokens": 0, "head_mode": "cls"}
@@ -51,10 +56,11 @@ def param_count(model: nn.Module) -> int:
 
 
 def build_model(name: str, num_classes: int, input_shape: tuple[int, ...], options: dict[str, Any] | None = None,
-                **kwargs: Any) -> nn.Module:
+                vocab_size: int | None = None, **kwargs: Any) -> nn.Module:
     """Build ``name`` with fresh weights for inputs of ``input_shape`` (one sample: (3, S, S) for rendered images,
-    the dataset's own shape for tensors); ``options`` (a user's builder options, e.g. from --student-arg) and kwargs
-    are model options (width, distill_tokens, ...)."""
+    the dataset's own shape for tensors); ``vocab_size`` is the vocabulary token-id inputs index (given to builders
+    that take it); ``options`` (a user's builder options, e.g. from --student-arg) and kwargs are model options
+    (width, distill_tokens, ...)."""
     kwargs = {**(options or {}), **kwargs}
     input_shape = tuple(int(s) for s in input_shape)
     if num_classes < 1 or not input_shape or min(input_shape) < 1:
@@ -62,7 +68,9 @@ def build_model(name: str, num_classes: int, input_shape: tuple[int, ...], optio
                            "be positive")
     if name in BUILTINS:
         factory = BUILTINS[name]
-        _check_options(name, factory, kwargs, ("num_classes", "input_shape"))
+        _check_options(name, factory, kwargs, ("num_classes", "input_shape", "vocab_size"))
+        if "vocab_size" in inspect.signature(factory).parameters:
+            kwargs["vocab_size"] = vocab_size
         try:
             model = factory(num_classes, input_shape, **kwargs)
         except (TypeError, ValueError) as e:
@@ -70,8 +78,13 @@ def build_model(name: str, num_classes: int, input_shape: tuple[int, ...], optio
             raise KDCacheError(f"cannot build {name!r} with {shown} ({e}): check the builder options") from None
     elif name in torchvision_names():
         model = _build_torchvision(name, num_classes, input_shape, kwargs)
+    elif name.startswith("hf:"):
+        from .hf import build_hf  # transformers itself is imported inside, with a one-line error when missing
+
+        _check_options(name, build_hf, kwargs, ("path", "num_classes", "input_shape", "vocab_size"))
+        model = build_hf(name[3:], num_classes, input_shape, vocab_size, **kwargs)
     elif ":" in name:
-        model = _build_factory(name, num_classes, input_shape, kwargs)
+        model = _build_factory(name, num_classes, input_shape, kwargs, vocab_size)
     else:
         raise _unknown(name)
     if not hasattr(model, "num_classes"):
@@ -138,24 +151,40 @@ def _build_torchvision(name: str, num_classes: int, input_shape: tuple[int, ...]
         raise KDCacheError(f"torchvision model {name!r} rejected options {sorted(kwargs)} ({e}): drop them") from None
 
 
-def _factory_inputs(name: str, factory: Callable[..., Any], input_shape: tuple[int, ...]) -> dict[str, Any]:
-    """What a factory is told about its inputs: `input_shape` if it takes it, else (images) `image_size` and, when not
-    3, `in_chans` — the older contract. A factory that needs an image size cannot be built for tensor inputs."""
+def _factory_inputs(name: str, factory: Callable[..., Any], input_shape: tuple[int, ...],
+                    vocab_size: int | None) -> dict[str, Any]:
+    """What a factory is told about its inputs: `input_shape` (and `vocab_size`) if it takes them, else (images)
+    `image_size` and, when not 3, `in_chans` — the older contract. A factory that needs an image size cannot be
+    built for tensor inputs."""
     params = inspect.signature(factory).parameters
+    vocab = _vocab_input(name, params, vocab_size)
     if "input_shape" in params:
-        return {"input_shape": input_shape}
+        return {"input_shape": input_shape, **vocab}
     if len(input_shape) != 3 or input_shape[1] != input_shape[2]:
         if "image_size" in params and params["image_size"].default is inspect.Parameter.empty:
             raise KDCacheError(f"factory {name!r} takes image_size, but the inputs have shape {input_shape}: give it "
                                "an input_shape parameter instead")
-        return {}
-    out: dict[str, Any] = {"image_size": input_shape[-1]}
+        return vocab
+    out: dict[str, Any] = {"image_size": input_shape[-1], **vocab}
     if input_shape[0] != 3:
         out["in_chans"] = input_shape[0]
     return out
 
 
-def _build_factory(name: str, num_classes: int, input_shape: tuple[int, ...], kwargs: dict[str, Any]) -> nn.Module:
+def _vocab_input(name: str, params: Any, vocab_size: int | None) -> dict[str, Any]:
+    """`vocab_size` for a factory that takes it; a one-line error when it needs one and the data has none."""
+    if "vocab_size" not in params:
+        return {}
+    if vocab_size is None:
+        if params["vocab_size"].default is inspect.Parameter.empty:
+            raise KDCacheError(f"model {name!r} embeds token ids but the dataset declares no vocabulary: use a token "
+                               "dataset (its vocabulary sets the embedding size)")
+        return {}
+    return {"vocab_size": vocab_size}
+
+
+def _build_factory(name: str, num_classes: int, input_shape: tuple[int, ...], kwargs: dict[str, Any],
+                   vocab_size: int | None) -> nn.Module:
     module_name, _, attr = name.partition(":")
     if not module_name or not attr:
         raise _unknown(name)
@@ -169,10 +198,10 @@ def _build_factory(name: str, num_classes: int, input_shape: tuple[int, ...], kw
     if not callable(factory):
         raise KDCacheError(f"{module_name!r} has no factory {attr!r}: check the name after ':' in {name!r}")
     try:
-        given = _factory_inputs(name, factory, input_shape)
+        given = _factory_inputs(name, factory, input_shape, vocab_size)
     except (TypeError, ValueError):  # no signature (a builtin or C callable): the older contract
         given = {"image_size": input_shape[-1]}
-    _check_options(name, factory, kwargs, ("num_classes", *given))
+    _check_options(name, factory, kwargs, ("num_classes", "vocab_size", *given))
     try:
         model = factory(num_classes=num_classes, **given, **kwargs)
     except TypeError as e:
