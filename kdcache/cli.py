@@ -11,7 +11,17 @@ from typing import Any
 
 import click
 
-from kdcache.config import HEAD_MODES, LOSSES, OPTIMIZERS, TOPK_MODES, DumpConfig, LossConfig, TrainConfig, default
+from kdcache.config import (
+    HEAD_MODES,
+    LOSSES,
+    OPTIMIZERS,
+    SOFT_LABELS,
+    TOPK_MODES,
+    DumpConfig,
+    LossConfig,
+    TrainConfig,
+    default,
+)
 from kdcache.errors import KDCacheError, printable
 from kdcache.format.spec import VALUE_DTYPES
 
@@ -146,15 +156,21 @@ def _bytes(text: str) -> int:
 @click.option("--seed", type=int, default=default(DumpConfig, "seed"), show_default=True, help="Seed of the view sampler.")
 @click.option("--rows", default=None, metavar="START:STOP", help="Dump only dataset rows START..STOP-1 (a range "
               "cache); 'kdcache join' makes one cache of the ranges.")
+@click.option("--features", multiple=True, metavar="LAYER[:POOL]", help="Also cache a teacher layer's output for "
+              "FitNets hints; POOL gap (default), none or HxW. Repeatable.")
+@click.option("--sample", type=int, default=None, metavar="M", help="Also (or, without --topk, only) store M "
+              "draws per row from the teacher's distribution: sampled soft labels.")
+@click.option("--sample-temperature", type=float, default=default(DumpConfig, "sample_temperature"),
+              show_default=True, help="The temperature the draws of --sample are taken at.")
 @click.option("--resume", is_flag=True, help="Finish a partial cache written by the same command.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing cache at --out.")
 @click.option("--quiet", is_flag=True, help="No progress output.")
 @clean_errors(INTERRUPTED_DUMP)
 def dump(quiet: bool, teachers: tuple[str, ...], weights: tuple[str, ...], outs: tuple[str, ...],
-         image_sizes: tuple[int, ...], teacher_args: tuple[str, ...], **kw: Any) -> None:
+         image_sizes: tuple[int, ...], teacher_args: tuple[str, ...], features: tuple[str, ...], **kw: Any) -> None:
     """Run teachers once over a dataset and write their logits into caches (one per teacher)."""
     cfgs = [DumpConfig(teacher=t, weights=w, out=o, image_size=size, progress=not quiet, command=_command_line(),
-                       teacher_args=_builder_args(teacher_args, "--teacher-arg"), **kw)
+                       teacher_args=_builder_args(teacher_args, "--teacher-arg"), features=features, **kw)
             for t, w, o, size in zip(teachers, *_per_teacher(len(teachers), weights, outs, image_sizes, teacher_args))]
     from kdcache.ops.dump import run_dumps
 
@@ -173,8 +189,9 @@ def _per_teacher(n: int, weights: tuple, outs: tuple, sizes: tuple, teacher_args
     for flag, values, optional in (("--out", outs, False), ("--weights", weights, True),
                                    ("--image-size", sizes, True)):
         if len(values) != n and not (optional and not values) and not (flag == "--image-size" and len(values) == 1):
+            either = {"--out": "", "--weights": ", or not at all", "--image-size": ", once for all, or not at all"}
             raise KDCacheError(f"{flag} was given {len(values)} time(s) for {n} --teacher: give it once per "
-                               f"teacher, in the same order{'' if not optional else ', or not at all'}")
+                               f"teacher, in the same order{either[flag]}")
     return list(weights) or [None] * n, list(outs), list(sizes) * (n if len(sizes) == 1 else 1) or [None] * n
 
 
@@ -220,6 +237,14 @@ def info(path: str, as_json: bool, markdown: bool) -> None:
 @click.option("--taus", default=None, help="Per-teacher temperatures τi, comma-separated.")
 @click.option("--topk-loss", type=click.Choice(TOPK_MODES), default=default(LossConfig, "topk_mode"), show_default=True,
               help="Top-k caches: KL over top-k + tail bucket, or renormalised top-k.")
+@click.option("--soft-labels", type=click.Choice(SOFT_LABELS), default=default(LossConfig, "soft_labels"),
+              show_default=True, help="A cache with logits and sampled soft labels: which to train from (auto: logits).")
+@click.option("--hint", default=None, metavar="LAYER", help="FitNets: also regress a student layer onto this teacher "
+              "layer, cached by 'kdcache dump --features LAYER'.")
+@click.option("--hint-student", default=None, metavar="LAYER", help="The student module whose output is hinted "
+              "[default: the input of its last linear layer].")
+@click.option("--hint-weight", type=float, default=default(TrainConfig, "hint_weight"), show_default=True,
+              help="Weight of the hint loss.")
 @click.option("--epochs", type=int, default=default(TrainConfig, "epochs"), show_default=True)
 @click.option("--batch-size", type=int, default=default(TrainConfig, "batch_size"), show_default=True)
 @click.option("--optimizer", type=click.Choice(OPTIMIZERS), default=default(TrainConfig, "optimizer"), show_default=True)
@@ -244,10 +269,11 @@ def info(path: str, as_json: bool, markdown: bool) -> None:
 @click.option("--no-plots", is_flag=True)
 @clean_errors(INTERRUPTED_TRAIN)
 def kdtrain_main(caches: tuple[str, ...], student_args: tuple[str, ...], loss: str, alpha: float,
-                 temperature: float, lambdas: str | None, taus: str | None, topk_loss: str, cache_ram: str,
-                 quiet: bool, no_plots: bool, **kw: Any) -> None:
+                 temperature: float, lambdas: str | None, taus: str | None, topk_loss: str, soft_labels: str,
+                 cache_ram: str, quiet: bool, no_plots: bool, **kw: Any) -> None:
     """Train a student from cached teacher logits (no teacher in memory), or from labels alone."""
-    loss_cfg = LossConfig(loss, alpha, temperature, _floats(lambdas, "--lambdas"), _floats(taus, "--taus"), topk_loss)
+    loss_cfg = LossConfig(loss, alpha, temperature, _floats(lambdas, "--lambdas"), _floats(taus, "--taus"), topk_loss,
+                          soft_labels)
     cfg = TrainConfig(caches=caches, student_args=_builder_args(student_args, "--student-arg"), loss=loss_cfg,
                       cache_ram=_bytes(cache_ram), progress=not quiet, plots=not no_plots, command=_command_line(),
                       **kw)

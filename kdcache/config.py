@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 from kdcache.errors import KDCacheError
 
+SOFT_LABELS = ("auto", "logits", "samples")
 LOSSES = ("auto", "ce", "kd", "hard", "cwtm", "dkpp")
 TOPK_MODES = ("tail", "renorm")
 OPTIMIZERS = ("adamw", "sgd")
@@ -79,6 +80,9 @@ class DumpConfig:
     augment: str = "none"
     seed: int = 0
     rows: str | None = None
+    features: tuple[str, ...] = ()  # LAYER[:POOL] of the teacher to cache beside its logits (FitNets hints)
+    sample: int | None = None  # M draws per row from the teacher's distribution (sampled soft labels)
+    sample_temperature: float = 1.0
     resume: bool = False
     overwrite: bool = False
     progress: bool = True
@@ -88,6 +92,8 @@ class DumpConfig:
         if self.resume and self.overwrite:
             raise KDCacheError("--resume and --overwrite contradict each other: pass one of them")
         _out("--out", self.out)
+        _number("--sample", self.sample, 1, 65535)
+        _number("--sample-temperature", self.sample_temperature, 0, strict=True)
         for flag, value, low in (("--views", self.views, 1), ("--batch-size", self.batch_size, 1),
                                  ("--num-workers", self.num_workers, 0), ("--chunk-rows", self.chunk_rows, 1),
                                  ("--topk", self.topk, 1), ("--image-size", self.image_size, 1),
@@ -105,8 +111,11 @@ class LossConfig:
     lambdas: tuple[float, ...] | None = None
     taus: tuple[float, ...] | None = None
     topk_mode: str = "tail"
+    soft_labels: str = "auto"  # from a cache with both: its logits or its sampled soft labels (auto: logits)
 
     def __post_init__(self) -> None:
+        if self.soft_labels not in SOFT_LABELS:
+            raise KDCacheError(f"unknown --soft-labels {self.soft_labels!r}: use one of {', '.join(SOFT_LABELS)}")
         if self.loss not in LOSSES:
             raise KDCacheError(f"unknown --loss {self.loss!r}: use one of {', '.join(LOSSES)}")
         if self.topk_mode not in TOPK_MODES:
@@ -147,6 +156,9 @@ class TrainConfig:
     distill_tokens: bool = False
     head_mode: str = "cls"
     loss: LossConfig = LossConfig()
+    hint: str | None = None  # a teacher layer cached with --features: add a FitNets hint loss toward it
+    hint_student: str | None = None  # the student module whose output is hinted (default: its head's input)
+    hint_weight: float = 1.0
     epochs: int = 10
     batch_size: int = 128
     optimizer: str = "adamw"
@@ -184,6 +196,7 @@ class TrainConfig:
                                        ("--cache-ram", self.cache_ram, 0, None)):
             _number(flag, value, low, high)
         _number("--lr", self.lr, 0, strict=True)
+        _number("--hint-weight", self.hint_weight, 0)
 
     @property
     def run_dir(self) -> str:

@@ -171,9 +171,11 @@ def env(tmp_path_factory, save_teacher):
     return d
 
 
-def _dump(*extra):
-    return ["dump", "--teacher", "mlp", "--weights", "{d}/teacher.pt", "--image-size", "8", "--device", "cpu",
-            "--quiet", "--out", "{d}/{case}.zarr", *extra]
+def _dump(*extra, **given):
+    """dump arguments; EXTRA appended, and teacher/weights/out given by keyword replacing the defaults."""
+    o = {"teacher": "mlp", "weights": "{d}/teacher.pt", "out": "{d}/{case}.zarr"} | given
+    return ["dump", "--teacher", o["teacher"], "--weights", o["weights"], "--image-size", "8", "--device", "cpu",
+            "--quiet", "--out", o["out"], *extra]
 
 
 def _train(*extra):
@@ -184,10 +186,10 @@ def _train(*extra):
 # case -> (command, args ("{d}" = the fixture's folder, "{case}" = the case), words the error line must contain)
 BAD_INPUTS = {
     # dump
-    "dump-unknown-teacher": ("kdcache", _dump("--teacher", "resnet9000"), ["unknown model 'resnet9000'"]),
+    "dump-unknown-teacher": ("kdcache", _dump(teacher="resnet9000"), ["unknown model 'resnet9000'"]),
     "dump-no-weights": ("kdcache", [a for a in _dump() if a not in ("--weights", "{d}/teacher.pt")], ["--weights"]),
-    "dump-weights-missing": ("kdcache", _dump("--weights", "{d}/nope.pt"), ["not found"]),
-    "dump-weights-garbage": ("kdcache", _dump("--weights", "{d}/junk.pt"), ["not a readable torch checkpoint"]),
+    "dump-weights-missing": ("kdcache", _dump(weights="{d}/nope.pt"), ["not found"]),
+    "dump-weights-garbage": ("kdcache", _dump(weights="{d}/junk.pt"), ["not a readable torch checkpoint"]),
     "dump-unknown-dataset": ("kdcache", _dump("--dataset", "nosuchdata"), ["unknown dataset"]),
     "dump-factory-not-importable": ("kdcache", _dump("--dataset", "no_such_mod_xyz:fn"), ["cannot import module"]),
     "dump-topk-too-big": ("kdcache", _dump("--topk", "10"), ["--topk 10"]),
@@ -195,14 +197,14 @@ BAD_INPUTS = {
     "dump-bad-augment": ("kdcache", _dump("--augment", "zoom(2)"), ["bad augmentation"]),
     "dump-bad-translate": ("kdcache", _dump("--augment", "translate(1.5)"), ["bad translate"]),
     "dump-unknown-compressor": ("kdcache", _dump("--compressor", "snappy"), ["snappy"]),
-    "dump-bad-suffix": ("kdcache", [*_dump(), "--out", "{d}/c.txt"], ["cannot tell the cache format"]),
+    "dump-bad-suffix": ("kdcache", _dump(out="{d}/c.txt"), ["cannot tell the cache format"]),
     "dump-teacher-arg-no-equals": ("kdcache", _dump("--teacher-arg", "hidden"), ["--teacher-arg takes KEY=VALUE"]),
     "dump-teacher-arg-unknown": ("kdcache", _dump("--teacher-arg", "bogus=1"), ["does not take option bogus"]),
     "dump-resume-and-overwrite": ("kdcache", _dump("--resume", "--overwrite"), ["contradict"]),
     "dump-unknown-device": ("kdcache", _dump("--device", "tpu"), ["unknown --device"]),
-    "dump-out-without-suffix": ("kdcache", [*_dump(), "--out", "{d}/a-file"], ["cannot tell"]),
-    "dump-over-a-complete-cache": ("kdcache", [*_dump(), "--out", "{d}/c.zarr"], ["already", "--overwrite"]),
-    "dump-out-under-a-file": ("kdcache", [*_dump(), "--out", "{d}/a-file/c.zarr"], ["a-file"]),
+    "dump-out-without-suffix": ("kdcache", _dump(out="{d}/a-file"), ["cannot tell"]),
+    "dump-over-a-complete-cache": ("kdcache", _dump(out="{d}/c.zarr"), ["already", "--overwrite"]),
+    "dump-out-under-a-file": ("kdcache", _dump(out="{d}/a-file/c.zarr"), ["a-file"]),
     "dump-teacher-arg-wrong-type": ("kdcache", _dump("--teacher-arg", "hidden=abc"), ["hidden"]),
     "dump-batch-size-zero": ("kdcache", _dump("--batch-size", "0"), ["--batch-size"]),
     "dump-batch-size-negative": ("kdcache", _dump("--batch-size", "-3"), ["--batch-size"]),

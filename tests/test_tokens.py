@@ -178,3 +178,15 @@ def test_another_vocabulary_is_refused(dump, tmp_path, monkeypatch):
     line = error_line(kt("--cache", cache, "--dataset", DATA, "--student", "tokenplug:bigram", "--epochs", 1,
                          "--device", "cpu", "--quiet", "--out", tmp_path / "r"))
     assert "does not match" in line and ("vocab" in line or "num_classes" in line)
+
+
+def test_token_caches_hold_draws_per_position(dump, tmp_path):
+    arrays, attrs = read_plain(dump("s.zarr", "--topk", 8, "--sample", 6))
+    assert arrays["sample_ids"].shape == (96, 1, tokenplug.LENGTH, 6)
+    assert (arrays["sample_counts"].sum(-1) == 6).all()
+    _, x, _ = _teacher_logits()
+    most = np.take_along_axis(arrays["sample_ids"][:, 0], arrays["sample_counts"][:, 0].argmax(-1)[..., None], -1)
+    assert (most[..., 0] == ((x + 1) % tokenplug.VOCAB).numpy()).mean() > 0.9  # the successor is drawn most
+    ok(kt("--cache", dump("s.zarr", "--topk", 8, "--sample", 6), "--dataset", DATA, "--student", "tokenplug:bigram",
+          "--soft-labels", "samples", "-T", "1", "--epochs", 1, "--device", "cpu", "--quiet", "--no-plots",
+          "--out", tmp_path / "r"))

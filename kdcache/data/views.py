@@ -168,10 +168,12 @@ def _mix(x: np.ndarray) -> np.ndarray:
     return x ^ (x >> np.uint64(31))
 
 
-def _uniforms(seed: int, indices: np.ndarray, n_views: int, slots: np.ndarray) -> np.ndarray:
-    """float64 uniforms in [0, 1), shape (len(indices), n_views, len(slots))."""
+def counter_uniforms(seed: int, indices: np.ndarray, n_views: int, slots: np.ndarray, stream: int = 0) -> np.ndarray:
+    """float64 uniforms in [0, 1), shape (len(indices), n_views, len(slots)): a pure function of (seed, stream,
+    sample index, view, slot), so any batching, order or sharding draws the same numbers. Streams keep unrelated
+    uses (views 0, sampled soft labels 1) independent under one seed."""
     with np.errstate(over="ignore"):
-        s = np.array([int(seed) % (1 << 64)], dtype=np.uint64)
+        s = np.array([(int(seed) ^ (int(stream) << 48)) % (1 << 64)], dtype=np.uint64)
         key = _mix(s ^ np.uint64(0x6B64636163686521))  # "kdcache!"
         idx = indices.astype(np.int64).view(np.uint64)
         k = _mix(key + idx * _GOLDEN)  # (N,)
@@ -189,7 +191,7 @@ def _sample_chunk(spec: AugmentSpec, indices: np.ndarray, n_views: int, seed: in
     out[..., 3] = 1.0
     if spec.rrc_scale is not None:
         a = _RRC_ATTEMPTS
-        u = _uniforms(seed, indices, n_views, np.arange(_SLOT_AREA, _SLOT_LEFT + a))
+        u = counter_uniforms(seed, indices, n_views, np.arange(_SLOT_AREA, _SLOT_LEFT + a))
         lo, hi = spec.rrc_scale
         area = lo + (hi - lo) * u[..., _SLOT_AREA:_SLOT_AREA + a]
         lr0, lr1 = math.log(spec.rrc_ratio[0]), math.log(spec.rrc_ratio[1])
@@ -216,11 +218,11 @@ def _sample_chunk(spec: AugmentSpec, indices: np.ndarray, n_views: int, seed: in
         out[..., 0] = np.where(found, ut * (1.0 - hs), (1.0 - fh) / 2)
         out[..., 1] = np.where(found, ul * (1.0 - ws), (1.0 - fw) / 2)
     if spec.translate:
-        u = _uniforms(seed, indices, n_views, np.array([_SLOT_TY, _SLOT_TX]))
+        u = counter_uniforms(seed, indices, n_views, np.array([_SLOT_TY, _SLOT_TX]))
         out[..., 0] += spec.translate * (2.0 * u[..., 0] - 1.0)
         out[..., 1] += spec.translate * (2.0 * u[..., 1] - 1.0)
     if spec.flip:
-        u = _uniforms(seed, indices, n_views, np.array([_SLOT_FLIP]))
+        u = counter_uniforms(seed, indices, n_views, np.array([_SLOT_FLIP]))
         out[..., 4] = (u[..., 0] < 0.5).astype(np.float64)
     return out.astype(np.float32)
 

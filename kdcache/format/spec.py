@@ -20,8 +20,9 @@ RANGE_FORMAT_VERSION = "2.0"  # range caches: row i is dataset sample rows.start
 TENSOR_FORMAT_VERSION = "3.0"  # tensor samples, token positions, q8 values: what 2.x readers would misread
 READER_MAJOR = 3              # the newest major version this reader reads
 ATTR_KEY = "kdcache"
-PER_VIEW = ("values", "top", "codes", "indices", "tail", "views")  # arrays with a view axis, in checksum order
-ROW_ARRAYS = (*PER_VIEW, "labels")                  # arrays with one row per sample
+# Arrays with a view axis, in checksum order; feature arrays (feat_0, feat_1, …) follow them in index order.
+PER_VIEW = ("values", "top", "codes", "indices", "tail", "views", "sample_ids", "sample_counts")
+FEATURE_PREFIX = "feat_"
 BOOKKEEPING = ("done", "checksum")                  # one entry per chunk, never compressed
 STATUS_PARTIAL = "partial"
 STATUS_COMPLETE = "complete"
@@ -30,6 +31,9 @@ VALUE_DTYPES = ("float16", "float32", "q8")
 Q8_STEP = 16  # q8 codes count 1/16 nat steps
 Q8_DEFINITION = ("q8: top = the largest logit (float32); codes[j-1] = q_j - q_(j-1) (uint8, q_0 = 0) where "
                  "q_j = min(255, round(16 * (top - logit_j))), so logit_j = top - cumsum(codes)[j-1] / 16")
+SAMPLING_DEFINITION = ("sample_ids/sample_counts: M draws per row from softmax(logits / temperature) by the inverse "
+                       "CDF of counter-based uniforms (seed, stream, sample, view, slot); the distinct ids drawn, "
+                       "ascending, and how often each was drawn (summing to M; unused slots 0/0)")
 TARGET_CHUNK_BYTES = 1 << 20
 MIN_CHUNK_ROWS, MAX_CHUNK_ROWS = 256, 16384  # samples per chunk; a token cache's rows are sequences: at least 1
 REQUIRED_ATTRS = (
@@ -75,8 +79,15 @@ class Layout:
     value_dtype: str
     chunk_rows: int
     positions: int | None = None  # token caches: L rows (token positions) per sample; None: one row per sample
+    logits: bool = True  # False: a cache of sampled soft labels only
+    samples: int | None = None  # M draws per row from the teacher's distribution (sampled soft labels)
+    features: tuple[tuple[int, ...], ...] = ()  # per-row shape of each cached teacher feature (feat_0, feat_1, …)
 
     def __post_init__(self) -> None:
+        if not self.logits and not self.samples:
+            raise KDCacheError("a cache holds logits, sampled soft labels (--sample M), or both")
+        if self.samples is not None and not 1 <= self.samples <= 65535:
+            raise KDCacheError(f"--sample {self.samples} must be between 1 and 65535 draws per row")
         if self.value_dtype not in VALUE_DTYPES:
             raise KDCacheError(f"unsupported dtype {self.value_dtype!r}: use one of {', '.join(VALUE_DTYPES)}")
         if self.value_dtype == "q8" and (self.k is None or self.k < 2):
@@ -93,15 +104,15 @@ class Layout:
 
     @classmethod
     def for_dataset(cls, n: int, dataset_n: int, n_views: int, num_classes: int, k: int | None, value_dtype: str,
-                    chunk_rows: int | None = None, positions: int | None = None) -> "Layout":
+                    chunk_rows: int | None = None, positions: int | None = None, **extra: object) -> "Layout":
         """A layout of n samples chunked as a cache of the whole dataset would be (default ~1 MiB chunks), so that
         range caches, joins and merges of one dataset share chunk boundaries."""
         rows = chunk_rows or default_chunk_rows(k or num_classes, value_dtype, positions)
-        return cls(n, n_views, num_classes, k, value_dtype, min(rows, dataset_n), positions)
+        return cls(n, n_views, num_classes, k, value_dtype, min(rows, dataset_n), positions, **extra)
 
     @property
     def kind(self) -> str:
-        return "full" if self.k is None else "topk"
+        return "sampled" if not self.logits else "full" if self.k is None else "topk"
 
     @property
     def width(self) -> int:
@@ -124,7 +135,9 @@ class Layout:
         n, v, r, w = self.n, self.n_views, min(self.chunk_rows, self.n), self.width
         pos = (self.positions,) if self.positions else ()
         out: dict[str, tuple[tuple[int, ...], str, tuple[int, ...]]] = {}
-        if self.value_dtype == "q8":
+        if not self.logits:
+            pass
+        elif self.value_dtype == "q8":
             out["top"] = ((n, v, *pos), "float32", (r, 1, *pos))
             out["codes"] = ((n, v, *pos, w - 1), "uint8", (r, 1, *pos, w - 1))
         else:
@@ -135,16 +148,32 @@ class Layout:
             "done": ((self.n_chunks,), "uint8", (1,)),
             "checksum": ((self.n_chunks, v), "uint32", (1, v)),
         }
-        if self.k is not None:
+        if self.k is not None and self.logits:
             out["indices"] = ((n, v, *pos, w), self.index_dtype, (r, 1, *pos, w))
             out["tail"] = ((n, v, *pos), "float32", (r, 1, *pos))
+        if self.samples:
+            m = self.samples
+            out["sample_ids"] = ((n, v, *pos, m), self.index_dtype, (r, 1, *pos, m))
+            out["sample_counts"] = ((n, v, *pos, m), "uint8" if m <= 255 else "uint16", (r, 1, *pos, m))
+        for i, shape in enumerate(self.features):
+            out[f"{FEATURE_PREFIX}{i}"] = ((n, v, *pos, *shape), self.feature_dtype, (r, 1, *pos, *shape))
         return out
+
+    @property
+    def feature_dtype(self) -> str:
+        """Cached features are float16, or float32 in a float32 cache."""
+        return "float32" if self.value_dtype == "float32" else "float16"
+
+    def per_view(self) -> tuple[str, ...]:
+        """This cache's per-view arrays in checksum order."""
+        names = [n for n in PER_VIEW if n in self.arrays()]
+        return (*names, *(f"{FEATURE_PREFIX}{i}" for i in range(len(self.features))))
 
     def decoded(self) -> dict[str, tuple[tuple[int, ...], str]]:
         """name -> (shape, dtype) of the per-sample arrays as readers return them: q8 values decoded to float32
         `values`, labels without a view axis."""
-        out = {n: (s, d) for n, (s, d, _) in self.arrays().items() if n in ROW_ARRAYS and n not in ("top", "codes")}
-        if self.value_dtype == "q8":
+        out = {n: (s, d) for n, (s, d, _) in self.arrays().items() if n not in (*BOOKKEEPING, "top", "codes")}
+        if self.value_dtype == "q8" and self.logits:
             out["values"] = (self.arrays()["indices"][0], "float32")
         return out
 
@@ -155,7 +184,7 @@ class Layout:
 
     def decoded_bytes(self) -> int:
         """Bytes of the per-view arrays once decoded into memory (all views; q8 values as float32)."""
-        return sum(int(np.prod(s)) * np.dtype(d).itemsize for n, (s, d) in self.decoded().items() if n in PER_VIEW)
+        return sum(int(np.prod(s)) * np.dtype(d).itemsize for n, (s, d) in self.decoded().items() if n != "labels")
 
     def to_attrs(self) -> dict:
         out = {
@@ -165,20 +194,26 @@ class Layout:
         }
         if self.positions is not None:
             out["positions"] = self.positions
+        if self.samples:
+            out["samples"] = self.samples
+        if self.features:
+            out["feature_shapes"] = [list(f) for f in self.features]
         return out
 
     @classmethod
     def from_attrs(cls, a: dict) -> "Layout":
         return cls(n=int(a["n"]), n_views=int(a["n_views"]), num_classes=int(a["num_classes"]),
                    k=None if a["k"] is None else int(a["k"]), value_dtype=a["value_dtype"],
-                   chunk_rows=int(a["chunk_rows"]), positions=a.get("positions"))
+                   chunk_rows=int(a["chunk_rows"]), positions=a.get("positions"), logits=a["kind"] != "sampled",
+                   samples=a.get("samples"), features=tuple(tuple(f) for f in a.get("feature_shapes") or ()))
 
 
 def version_for(attrs: dict) -> str:
     """The lowest format version that describes this cache, so that every older reader that could read it does,
     and every one that could not refuses it."""
     inputs = attrs.get("dataset", {}).get("input") or {}
-    if inputs.get("kind", "image") != "image" or attrs.get("positions") or attrs.get("value_dtype") == "q8":
+    if (inputs.get("kind", "image") != "image" or attrs.get("positions") or attrs.get("value_dtype") == "q8"
+            or attrs.get("samples") or attrs.get("feature_shapes")):
         return TENSOR_FORMAT_VERSION
     return FORMAT_VERSION if attrs.get("rows") is None else RANGE_FORMAT_VERSION
 
@@ -213,9 +248,10 @@ def parse_rows(text: str | None, n: int) -> tuple[int, int]:
 
 def view_checksum(rows: dict[str, np.ndarray]) -> int:
     """CRC-32 of one chunk of one view: the C-order little-endian bytes of its per-view arrays in PER_VIEW order
-    (values — or top and codes —, indices, tail, views)."""
+    (values — or top and codes —, indices, tail, views, sample_ids, sample_counts), then features in index order."""
     crc = 0
-    for name in PER_VIEW:
+    feats = sorted((n for n in rows if n.startswith(FEATURE_PREFIX)), key=lambda n: int(n[len(FEATURE_PREFIX):]))
+    for name in (*PER_VIEW, *feats):
         if name in rows:
             a = np.ascontiguousarray(rows[name])
             crc = zlib.crc32(a.astype(a.dtype.newbyteorder("<"), copy=False).tobytes(), crc)
@@ -257,10 +293,10 @@ def schema_problems(attrs: dict) -> list[str]:
         problems.append(f"attributes: k {MISTYPED} int or null, found {type(attrs['k']).__name__}")
     if problems:
         return problems
-    expected = ("full" if attrs["k"] is None else "topk", attrs["value_dtype"] in VALUE_DTYPES)
-    if attrs["kind"] != expected[0] or not expected[1]:
+    kinds = ("sampled", "full") if attrs["k"] is None else ("topk",)
+    if attrs["kind"] not in kinds or attrs["value_dtype"] not in VALUE_DTYPES:
         return [f"attributes: kind {attrs['kind']!r}, k {attrs['k']!r} and value_dtype {attrs['value_dtype']!r} "
-                f"{MISTYPED} full/null or topk/int, and one of {', '.join(VALUE_DTYPES)}"]
+                f"{MISTYPED} full/null, sampled/null or topk/int, and one of {', '.join(VALUE_DTYPES)}"]
     if attrs.get("rows") is None:
         if isinstance(attrs.get("dataset"), dict) and attrs["dataset"].get("n") != attrs["n"]:
             problems.append(f"attributes: dataset.n {attrs['dataset'].get('n')} differs from n {attrs['n']}")

@@ -111,3 +111,26 @@ def chunk_stats(values: np.ndarray, indices: np.ndarray | None, tail: np.ndarray
     out["entropy"] = float((h * weight).sum())
     out["mass"] = float((top.exp().sum(-1) * weight).sum())
     return out
+
+
+def draw_samples(logits: Tensor, m: int, temperature: float, uniforms: Tensor, block: int = 4096) -> dict[str, Tensor]:
+    """Sampled soft labels: M draws per row (…, C) from softmax(logits / T), by the inverse CDF of `uniforms`
+    (…, M) — counter-based, so resumed and sharded dumps draw the same ids — stored as the distinct ids drawn
+    (`sample_ids`, ascending) with how often each was drawn (`sample_counts`, summing to M; unused slots 0/0).
+
+    (1/M) Σ counts · f(id) is an unbiased estimate of E_p[f] under the teacher at T, so a loss built on it has
+    the expected gradient of the full-distribution one (Anshumann et al., 2025)."""
+    lead, c = logits.shape[:-1], logits.shape[-1]
+    flat, u = logits.reshape(-1, c), uniforms.reshape(-1, m).to(logits.device)
+    ids = torch.empty(flat.shape[0], m, dtype=torch.long, device=logits.device)
+    for s in range(0, flat.shape[0], block):  # float64 CDFs of a vocabulary are big: a block of rows at a time
+        cdf = (flat[s:s + block].float() / temperature).softmax(-1).double().cumsum(-1)
+        cdf[:, -1] = 1.0
+        ids[s:s + block] = torch.searchsorted(cdf, u[s:s + block].double().contiguous(), right=True).clamp(max=c - 1)
+    ids = ids.sort(-1).values
+    new = torch.ones_like(ids, dtype=torch.bool)
+    new[:, 1:] = ids[:, 1:] != ids[:, :-1]
+    group = new.long().cumsum(-1) - 1
+    counts = torch.zeros_like(ids).scatter_add_(-1, group, torch.ones_like(ids))
+    distinct = torch.zeros_like(ids).scatter_(-1, group, ids)
+    return {"sample_ids": distinct.to(torch.int32).reshape(*lead, m), "sample_counts": counts.reshape(*lead, m)}

@@ -71,7 +71,10 @@ def claim(path: str, overwrite: bool, stack: ExitStack) -> None:
 
 
 def cache_stats(store: Store, layout: Layout) -> dict:
-    """Teacher top-1 against the stored labels, mean entropy and mean top-k mass, read chunk by chunk."""
+    """Teacher top-1 against the stored labels, mean entropy and mean top-k mass, read chunk by chunk; a cache of
+    sampled soft labels only has top-1 alone (its most drawn id)."""
+    if not layout.logits:
+        return _sampled_stats(store, layout)
     acc = {"correct": 0.0, "labelled": 0.0, "rows": 0.0, "entropy": 0.0, "mass": 0.0}
     topk = layout.k is not None
     for c in range(layout.n_chunks):
@@ -86,6 +89,18 @@ def cache_stats(store: Store, layout: Layout) -> dict:
         "mean_entropy": acc["entropy"] / acc["rows"],
         "topk_mass": acc["mass"] / acc["rows"] if topk else 1.0,
     }
+
+
+def _sampled_stats(store: Store, layout: Layout) -> dict:
+    correct = labelled = 0
+    for c in range(layout.n_chunks):
+        sl = layout.chunk_slice(c)
+        ids, counts = np.asarray(store["sample_ids"][sl]), np.asarray(store["sample_counts"][sl])
+        pred = np.take_along_axis(ids, counts.argmax(-1)[..., None], -1)[..., 0]
+        labels = np.expand_dims(np.asarray(store["labels"][sl]), 1)
+        correct += int(((pred == labels) & (labels >= 0)).sum())
+        labelled += int((labels >= 0).sum()) * layout.n_views
+    return {"teacher_top1": correct / labelled if labelled else None, "mean_entropy": None, "topk_mass": None}
 
 
 class Output:

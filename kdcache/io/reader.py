@@ -7,7 +7,7 @@ import threading
 from collections import OrderedDict
 from collections.abc import Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -15,7 +15,7 @@ import torch
 from kdcache.errors import KDCacheError
 from kdcache.format.topk import q8_decode
 from kdcache.format.spec import (
-    PER_VIEW,
+    FEATURE_PREFIX,
     STATUS_COMPLETE,
     Layout,
     check_version,
@@ -33,11 +33,15 @@ DEFAULT_LRU_BYTES = 16 << 20
 class CacheBatch:
     """Soft targets of a batch of samples for one view (torch tensors on CPU)."""
 
-    values: torch.Tensor            # (B, C) full logits or (B, k) top-k logits; token caches (B, L, C or k)
+    values: torch.Tensor | None     # (B, C) full logits or (B, k) top-k logits; token caches (B, L, C or k); None
+                                    # in a cache of sampled soft labels only
     indices: torch.Tensor | None    # (B, k) int64 class ids (top-k only); token caches (B, L, k)
     tail: torch.Tensor | None       # (B,) log-sum-exp of the logits not in the top-k (top-k only); (B, L)
     labels: torch.Tensor            # (B,) int64, -1 = unlabelled; token caches (B, L) next-token ids, -1 = padding
     views: torch.Tensor             # (B, 5) the view's crop/flip parameters
+    sample_ids: torch.Tensor | None = None     # (B, M) int64 ids drawn from the teacher (count 0: unused slot)
+    sample_counts: torch.Tensor | None = None  # (B, M) how often each id was drawn (sums to M)
+    features: dict[str, torch.Tensor] = field(default_factory=dict)  # teacher layer name -> (B, *shape) float32
 
 
 class Cache:
@@ -120,6 +124,11 @@ class Cache:
             raise KDCacheError(f"the labels stored in {self.path} differ from the labels_sha256 it records: it is "
                                f"damaged; run 'kdcache verify {self.path}', and dump or fetch it again")
 
+    @property
+    def sample_temperature(self) -> float:
+        """The temperature its sampled soft labels were drawn at (1.0 when it has none)."""
+        return float((self.attrs.get("sampling") or {}).get("temperature", 1.0))
+
     def done_map(self) -> np.ndarray:
         return np.asarray(self.store["done"][...], dtype=bool)
 
@@ -135,7 +144,7 @@ class Cache:
         where = f"chunk {c} (rows {sl.start}-{sl.stop - 1}, view {view}) of {self.path}"
         fix = f"the cache is corrupt; run 'kdcache verify {self.path}' and dump or fetch it again"
         try:
-            rows = {n: np.asarray(self.store[n][sl, view]) for n in PER_VIEW if n in self.store}
+            rows = {n: np.asarray(self.store[n][sl, view]) for n in self.layout.per_view()}
             labels = np.asarray(self.store["labels"][sl], dtype=np.int64)
         except Exception as e:  # a truncated or damaged chunk fails to decode in library-specific ways
             raise KDCacheError(f"{where} cannot be read ({type(e).__name__}): {fix}") from None
@@ -157,7 +166,7 @@ class Cache:
         """Decode the whole cache into memory (every chunk verified): the fastest reader when it fits."""
         lay = self.layout
         shapes = lay.decoded()
-        out = {n: np.empty(s, dtype=d) for n, (s, d) in shapes.items() if n in PER_VIEW}
+        out = {n: np.empty(s, dtype=d) for n, (s, d) in shapes.items() if n != "labels"}
         labels = np.empty(shapes["labels"][0], dtype=np.int64)
         for c in range(lay.n_chunks):
             for v in range(lay.n_views):
@@ -227,12 +236,16 @@ class Cache:
         else:
             picked = self._gather(idx, view)
         t = {n: torch.from_numpy(np.ascontiguousarray(a)) for n, a in picked.items()}
+        layers = [f["layer"] for f in self.attrs.get("features") or ()]
         return CacheBatch(
-            values=t["values"],
+            values=t.get("values"),
             indices=t["indices"].long() if "indices" in t else None,
             tail=t.get("tail"),
             labels=t["labels"],
             views=t["views"],
+            sample_ids=t["sample_ids"].long() if "sample_ids" in t else None,
+            sample_counts=t["sample_counts"].long() if "sample_counts" in t else None,
+            features={layer: t[f"{FEATURE_PREFIX}{i}"].float() for i, layer in enumerate(layers)},
         )
 
     def _gather(self, idx: np.ndarray, view: int) -> dict[str, np.ndarray]:

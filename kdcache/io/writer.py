@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from kdcache.errors import KDCacheError
-from kdcache.format.spec import PER_VIEW, ROW_ARRAYS, Layout, view_checksum
+from kdcache.format.spec import BOOKKEEPING, Layout, view_checksum
 from kdcache.storage.backends import Store
 
 
@@ -101,13 +101,13 @@ class ChunkWriter:
 
     def _new_buffer(self, rows: int) -> _ChunkBuffer:
         shapes = self.layout.arrays()
-        return _ChunkBuffer({name: np.zeros((rows, *shapes[name][0][1:]), dtype=shapes[name][1])
-                             for name in ROW_ARRAYS if name in shapes})
+        return _ChunkBuffer({name: np.zeros((rows, *shape[1:]), dtype=dtype)
+                             for name, (shape, dtype, _) in shapes.items() if name not in BOOKKEEPING})
 
     def _write_chunk(self, c: int, sl: slice, buf: _ChunkBuffer) -> None:
         for name, a in buf.arrays.items():
             self.store[name][sl] = a
-        crcs = [view_checksum({k: buf.arrays[k][:, v] for k in PER_VIEW if k in buf.arrays})
+        crcs = [view_checksum({k: buf.arrays[k][:, v] for k in self.layout.per_view()})
                 for v in range(self.layout.n_views)]
         self.store["checksum"][c:c + 1] = np.asarray([crcs], dtype=np.uint32)
         self.store["done"][c:c + 1] = np.ones(1, dtype=np.uint8)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Iterator
 from contextlib import ExitStack
@@ -16,21 +17,23 @@ from kdcache.data.datasets import fingerprint, labels_sha256, open_dataset
 from kdcache.data.hftok import check_model_vocab
 from kdcache.data.render import ModelInput, image_only, model_input
 from kdcache.data.sources import DatasetInfo, SourceDataset
-from kdcache.data.views import VIEW_FIELDS, AugmentSpec, identity_views, sample_views
+from kdcache.data.views import VIEW_FIELDS, AugmentSpec, counter_uniforms, identity_views, sample_views
 from kdcache.device import autocast, pick_device, to_model_layout
 from kdcache.dist import init_from_env, shutdown
 from kdcache.errors import KDCacheError
 from kdcache.format.attrs import cache_attrs
-from kdcache.format.spec import Layout, parse_rows
-from kdcache.format.topk import to_topk
+from kdcache.format.spec import FEATURE_PREFIX, SAMPLING_DEFINITION, Layout, parse_rows
+from kdcache.format.topk import draw_samples, to_topk
 from kdcache.io.output import Output
 from kdcache.io.writer import ChunkWriter, Rows
 from kdcache.models import build_model, checkpoint_arch_args, load_weights, published_classes
+from kdcache.models.taps import FeatureSpec, pool, tap
 from kdcache.progress import progress, say
 from kdcache.storage.backends import Store
 
 RESUME_KEYS = ("teacher", "weights_sha256", "dataset", "split", "fingerprint", "topk", "dtype", "image_size",
-               "batch_size", "chunk_rows", "views", "augment", "seed", "rows", "seq_len")
+               "batch_size", "chunk_rows", "views", "augment", "seed", "rows", "seq_len", "features", "sample",
+               "sample_temperature")
 
 
 class ChunkBatches:
@@ -104,7 +107,9 @@ def _attrs(cfg: DumpConfig, ds: SourceDataset, layout: Layout, teacher_id: dict,
               "split": info.split, "fingerprint": fp, "topk": cfg.topk, "dtype": layout.value_dtype,
               "image_size": getattr(pre, "image_size", None), "batch_size": cfg.batch_size,
               "chunk_rows": layout.chunk_rows, "views": cfg.views, "augment": str(aug), "seed": cfg.seed,
-              "rows": None if whole else list(rows), "seq_len": cfg.seq_len},
+              "rows": None if whole else list(rows), "seq_len": cfg.seq_len,
+              "features": list(cfg.features) or None, "sample": cfg.sample,
+              "sample_temperature": cfg.sample_temperature if cfg.sample else None},
         rows=span, command=cfg.command)
 
 
@@ -142,9 +147,11 @@ def load_teacher(cfg: DumpConfig, info: DatasetInfo, pre: ModelInput, device: to
     return model, ident
 
 
+# What every teacher of one pass must share (each has its own teacher, weights, out, image size, features).
 SHARED = ("dataset", "split", "data_root", "download", "seq_len", "tokenizer", "topk", "dtype", "batch_size",
           "num_workers", "device", "chunk_rows", "compressor", "views", "augment", "seed", "rows", "resume",
-          "overwrite")  # what every teacher of one pass must share (each has its own teacher, weights, out, size)
+          "overwrite", "sample", "sample_temperature")
+SAMPLE_STREAM = 1  # the counter-based generator's stream for sampled soft labels (views use stream 0)
 
 
 @dataclass
@@ -155,7 +162,9 @@ class _Teacher:
     model: torch.nn.Module
     input: ModelInput
     output: Output
+    layout: Layout
     attrs: dict
+    features: list[FeatureSpec]
     store: Store | None = None
     done: np.ndarray | None = None
     writer: ChunkWriter | None = None
@@ -176,6 +185,9 @@ def run_dumps(cfgs: list[DumpConfig]) -> list[str]:
             if getattr(other, key) != getattr(cfg, key):
                 raise KDCacheError(f"teachers dumped in one pass share --{key.replace('_', '-')}: got "
                                    f"{getattr(cfg, key)!r} and {getattr(other, key)!r}; dump them separately")
+    if len(cfgs) > 1 and any(c.features for c in cfgs):
+        raise KDCacheError("--features applies to a single --teacher (layer names are each architecture's own): "
+                           "dump the teachers whose features you want one at a time")
     if len({os.path.realpath(c.out) if "://" not in c.out else c.out for c in cfgs}) < len(cfgs):
         raise KDCacheError("two teachers of one pass have the same --out: give each teacher its own --out")
     outputs = [Output(c.out, "dump", compressor=c.compressor) for c in cfgs]
@@ -185,8 +197,9 @@ def run_dumps(cfgs: list[DumpConfig]) -> list[str]:
     rows = parse_rows(cfg.rows, len(ds))
     # Chunk rows depend on the dataset, not the range, so range caches chunk like the whole dump would.
     positions = ds.info.label_shape[0] if ds.info.per_token else None
+    logits = cfg.topk is not None or cfg.sample is None  # --sample alone: sampled soft labels only
     layout = Layout.for_dataset(rows[1] - rows[0], len(ds), cfg.views, ds.info.num_classes, cfg.topk,
-                                value_dtype(cfg, ds), cfg.chunk_rows, positions)
+                                value_dtype(cfg, ds), cfg.chunk_rows, positions, logits=logits, samples=cfg.sample)
     requested = pick_device(cfg.device)
     d = init_from_env(requested.type == "cuda")
     try:
@@ -195,10 +208,14 @@ def run_dumps(cfgs: list[DumpConfig]) -> list[str]:
         for c, output in zip(cfgs, outputs):
             pre = model_input(ds.info, c.image_size)
             model, ident = load_teacher(c, ds.info, pre, device, c.progress and d.main)
-            teachers.append(_Teacher(c, model, pre, output, _attrs(c, ds, layout, ident, pre, aug, rows)))
+            specs = [FeatureSpec.parse(f) for f in c.features]
+            shapes = _feature_shapes(model, specs, ds, pre, device)
+            lay = dataclasses.replace(layout, features=tuple(shapes))
+            attrs = _attrs(c, ds, lay, ident, pre, aug, rows) | _extra_attrs(c, specs, shapes)
+            teachers.append(_Teacher(c, model, pre, output, lay, attrs, specs))
         with ExitStack() as stack:  # rank 0 holds the locks for the whole job
             for t in teachers:
-                d.on_main(lambda t=t: t.output.prepare(layout, t.attrs, stack, t.cfg.overwrite, t.cfg.resume,
+                d.on_main(lambda t=t: t.output.prepare(t.layout, t.attrs, stack, t.cfg.overwrite, t.cfg.resume,
                                                        RESUME_KEYS))
             for t in teachers:
                 t.store = t.output.open()
@@ -219,13 +236,37 @@ def run_dumps(cfgs: list[DumpConfig]) -> list[str]:
     return [c.out for c in cfgs]
 
 
+def _feature_shapes(model: torch.nn.Module, specs: list[FeatureSpec], ds: SourceDataset, pre: ModelInput,
+                    device: torch.device) -> list[tuple[int, ...]]:
+    """Each cached feature's shape per row, from one forward pass of the teacher on the first sample."""
+    if not specs:
+        return []
+    sample = ds[0][0][None].to(device)
+    with tap(model, [f.layer for f in specs], "teacher") as seen, torch.inference_mode():
+        model(to_model_layout(pre(sample, torch.from_numpy(identity_views(1)[:, 0]).to(device))))
+    per_token = ds.info.per_token
+    return [tuple(pool(seen[f.layer], f.pool, per_token).shape[2 if per_token else 1:]) for f in specs]
+
+
+def _extra_attrs(cfg: DumpConfig, specs: list[FeatureSpec], shapes: list[tuple[int, ...]]) -> dict:
+    """What cached features and sampled soft labels are, for readers (docs/FORMAT.md)."""
+    out: dict = {}
+    if specs:
+        out["features"] = [{"layer": f.layer, "pool": f.pool, "shape": list(shape), "array": f"{FEATURE_PREFIX}{i}"}
+                           for i, (f, shape) in enumerate(zip(specs, shapes))]
+    if cfg.sample:
+        out["sampling"] = {"m": cfg.sample, "temperature": cfg.sample_temperature, "seed": cfg.seed,
+                           "stream": SAMPLE_STREAM, "definition": SAMPLING_DEFINITION}
+    return out
+
+
 def _run_chunks(cfg: DumpConfig, teachers: list[_Teacher], ds: SourceDataset, layout: Layout, batches: ChunkBatches,
                 aug: AugmentSpec, device: torch.device) -> None:
     loader = DataLoader(ds, batch_sampler=batches, num_workers=cfg.num_workers,
                         pin_memory=device.type == "cuda", persistent_workers=False)
     cuda = device.type == "cuda"
     for t in teachers:
-        t.writer = ChunkWriter(t.store, layout)
+        t.writer = ChunkWriter(t.store, t.layout)
     name = "+".join(t.cfg.teacher for t in teachers)
     try:
         with progress(total=batches.rows, desc=f"dump {name}", unit="sample", enable=cfg.progress) as bar, \
@@ -240,11 +281,7 @@ def _run_chunks(cfg: DumpConfig, teachers: list[_Teacher], ds: SourceDataset, la
                 for t in teachers:
                     if t.done[start // layout.chunk_rows]:
                         continue  # this teacher's cache has the chunk already (a resumed pass)
-                    per_view = []
-                    for v in range(cfg.views):
-                        with autocast(device):
-                            per_view.append(t.model(to_model_layout(t.input(x, v_t[:, v]))).float())
-                    out = to_topk(torch.stack(per_view, 1), cfg.topk, layout.value_dtype)
+                    out = _teacher_rows(t, x, v_t, idx_np, cfg, device, ds.info.per_token)
                     arrays: dict[str, object] = {k: a.to("cpu", non_blocking=cuda) for k, a in out.items()}
                     ready = None
                     if cuda:
@@ -264,3 +301,25 @@ def _run_chunks(cfg: DumpConfig, teachers: list[_Teacher], ds: SourceDataset, la
                 errors.append(e)
         if errors:
             raise errors[0]
+
+
+def _teacher_rows(t: _Teacher, x: torch.Tensor, views: torch.Tensor, idx: np.ndarray, cfg: DumpConfig,
+                  device: torch.device, per_token: bool) -> dict[str, torch.Tensor]:
+    """One teacher's arrays for a batch, every view: logits (top-k + tail, or full), features, sampled labels."""
+    logits, feats = [], {f"{FEATURE_PREFIX}{i}": [] for i in range(len(t.features))}
+    with tap(t.model, [f.layer for f in t.features], "teacher") as seen:
+        for v in range(cfg.views):
+            with autocast(device):
+                logits.append(t.model(to_model_layout(t.input(x, views[:, v]))).float())
+            for i, f in enumerate(t.features):
+                feats[f"{FEATURE_PREFIX}{i}"].append(pool(seen[f.layer], f.pool, per_token))
+    z = torch.stack(logits, 1)  # (B, V, [L,] C)
+    out = to_topk(z, cfg.topk, t.layout.value_dtype) if t.layout.logits else {}
+    dtype = getattr(torch, t.layout.feature_dtype)
+    out |= {name: torch.stack(parts, 1).to(dtype) for name, parts in feats.items()}
+    if cfg.sample:
+        m, lead = cfg.sample, z.shape[2:-1]  # token caches: one set of draws per position
+        slots = np.arange(int(np.prod(lead, dtype=np.int64)) * m)
+        u = counter_uniforms(cfg.seed, idx, cfg.views, slots, SAMPLE_STREAM).reshape(*z.shape[:-1], m)
+        out |= draw_samples(z, m, cfg.sample_temperature, torch.from_numpy(u))
+    return out

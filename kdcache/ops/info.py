@@ -55,6 +55,7 @@ def summary(cache: Cache) -> dict:
         "labelled": _labelled(cache), "class_names": a["dataset"]["class_names"],
         "augment": a["views"]["augment"], "seed": a["views"]["seed"],
         "joined_from": _joined_from(a),
+        "features": a.get("features") or [], "sampling": a.get("sampling"),
         "created": a["created"], "tool": a["tool"], "command": a["command"], "warnings": warnings,
     }
 
@@ -64,6 +65,14 @@ def _labelled(cache: Cache) -> int | None:
     if cache.attrs.get("rows") is None:
         return cache.attrs["dataset"].get("labelled")
     return int((cache.labels >= 0).sum()) if cache.complete else None
+
+
+def _contents(s: dict) -> str:
+    """What a row holds: full logits, top-k + tail, and/or sampled soft labels."""
+    parts = [] if s["kind"] == "sampled" else ["full logits" if s["kind"] == "full" else f"top-{s['k']} logits + tail"]
+    if s["sampling"]:
+        parts.append(f"{s['sampling'].get('m')} draws at T={s['sampling'].get('temperature')}")
+    return " + ".join(parts)
 
 
 def _samples(s: dict) -> str:
@@ -127,7 +136,7 @@ def _joined(s: dict) -> str:
 
 def as_text(s: dict) -> str:
     """Aligned `key: value` lines for the terminal."""
-    kind = "full logits" if s["kind"] == "full" else f"top-{s['k']} logits + tail"
+    kind = _contents(s)
     names = s["class_names"]
     lines = [
         ("cache", f"{s['path']} ({s['format']}, {s['status']})"),
@@ -138,7 +147,10 @@ def as_text(s: dict) -> str:
                     f"weights sha256 {str(s['teacher_weights'].get('sha256'))[:16]}…"),
         ("teacher top-1", _pct(s["teacher_top1"]) + f" on {s['labelled']} labelled samples"),
         ("mean entropy", "n/a" if s["mean_entropy"] is None else f"{s['mean_entropy']:.4f} nats"),
-        ("top-k mass", _pct(s["topk_mass"]) if s["kind"] == "topk" else "1 (full logits)"),
+        ("top-k mass", _pct(s["topk_mass"]) if s["kind"] == "topk" else "1 (full logits)" if s["kind"] == "full"
+         else "n/a"),
+        *([("features", ", ".join(f"{f['layer']} ({f['pool']}, {'×'.join(map(str, f['shape']))})"
+                                  for f in s["features"]))] if s["features"] else []),
         ("dataset", f"{s['dataset']} [{s['split']}], {s['fingerprint'][:23]}…"),
         ("rows", _rows(s)),
         ("vocabulary", f"{s['vocab'].get('name')}, {s['vocab'].get('size')} tokens") if s["vocab"] else

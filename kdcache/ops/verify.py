@@ -7,7 +7,6 @@ import numpy as np
 from kdcache.data.datasets import labels_sha256
 from kdcache.errors import KDCacheError
 from kdcache.format.spec import (
-    PER_VIEW,
     STATUS_COMPLETE,
     Layout,
     check_version,
@@ -39,7 +38,7 @@ def _chunk(store: Store, layout: Layout, c: int, v: int, stored_crc: int) -> lis
     sl = layout.chunk_slice(c)
     where = f"chunk {c} (rows {sl.start}-{sl.stop - 1}), view {v}"
     try:
-        rows = {n: np.asarray(store[n][sl, v]) for n in PER_VIEW if n in store}
+        rows = {n: np.asarray(store[n][sl, v]) for n in layout.per_view()}
     except Exception as e:  # a damaged chunk fails to decode in many library-specific ways
         return [f"{where}: cannot be read ({type(e).__name__}: {e})"]
     problems = []

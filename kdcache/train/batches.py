@@ -28,14 +28,23 @@ class Batch:
     targets: list[SoftTarget]
 
 
-def to_target(b: CacheBatch, num_classes: int, device: torch.device) -> SoftTarget:
-    """A cache batch as loss input: float32 logits on the training device."""
+def to_target(b: CacheBatch, num_classes: int, device: torch.device, samples: bool = False,
+              sample_temperature: float = 1.0) -> SoftTarget:
+    """A cache batch as loss input on the training device: its logits (float32), or with `samples` (or when the
+    cache holds nothing else) its sampled soft labels; cached features ride along."""
     nb = device.type == "cuda"
+
+    def dev(t: torch.Tensor) -> torch.Tensor:
+        return t.to(device, non_blocking=nb)
+
+    features = {k: dev(v) for k, v in b.features.items()}
+    if samples or b.values is None:
+        return SoftTarget(sample_ids=dev(b.sample_ids), sample_counts=dev(b.sample_counts), num_classes=num_classes,
+                          sample_temperature=sample_temperature, features=features)
     if b.indices is None:
-        return SoftTarget(logits=b.values.to(device, non_blocking=nb).float(), num_classes=num_classes)
-    return SoftTarget(values=b.values.to(device, non_blocking=nb).float(),
-                      indices=b.indices.to(device, non_blocking=nb),
-                      tail=b.tail.to(device, non_blocking=nb).float(), num_classes=num_classes)
+        return SoftTarget(logits=dev(b.values).float(), num_classes=num_classes, features=features)
+    return SoftTarget(values=dev(b.values).float(), indices=dev(b.indices), tail=dev(b.tail).float(),
+                      num_classes=num_classes, features=features)
 
 
 def view_for_epoch(epoch: int, n_views: int, seed: int) -> int:
@@ -53,9 +62,12 @@ class PairedLoader:
 
     def __init__(self, ds: SourceDataset, caches: list[Cache], batch_size: int, seed: int = 0,
                  num_workers: int = 0, device: torch.device = torch.device("cpu"), shuffle: bool = True,
-                 augment: AugmentSpec | None = None, window: int = 4, rank: int = 0, world_size: int = 1) -> None:
+                 augment: AugmentSpec | None = None, window: int = 4, rank: int = 0, world_size: int = 1,
+                 soft_labels: str = "auto") -> None:
+        """`soft_labels` "samples" takes each cache's sampled soft labels rather than its logits (a cache of samples
+        alone gives those whatever it says)."""
         self.ds, self.caches, self.device, self.seed = ds, caches, device, seed
-        self.augment = augment
+        self.augment, self.samples = augment, soft_labels == "samples"
         chunk_rows = max([c.layout.chunk_rows for c in caches], default=max(len(ds), 1))
         self.sampler = ChunkAwareSampler(len(ds), chunk_rows, batch_size, window, seed, shuffle, rank, world_size)
         self.num_workers = num_workers
@@ -96,7 +108,8 @@ class PairedLoader:
             yield Batch(samples=samples.to(self.device, non_blocking=nb),
                         labels=labels.to(self.device, non_blocking=nb), indices=idx_np,
                         views=views.to(self.device, non_blocking=nb),
-                        targets=[to_target(b, c.num_classes, self.device) for b, c in zip(cb, self.caches)])
+                        targets=[to_target(b, c.num_classes, self.device, self.samples, c.sample_temperature)
+                                 for b, c in zip(cb, self.caches)])
 
     def _rows(self, sampler_chunks: np.ndarray) -> int:
         r = self.sampler.chunk_rows

@@ -19,7 +19,7 @@ Conventions
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -45,28 +45,39 @@ __all__ = [
 
 @dataclass(frozen=True)
 class SoftTarget:
-    """Cached teacher output: full ``logits`` (B, C) or top-k ``values``/``indices``/``tail``."""
+    """Cached teacher output: full ``logits`` (B, C), top-k ``values``/``indices``/``tail``, or sampled soft labels
+    ``sample_ids``/``sample_counts`` (B, M) drawn at ``sample_temperature``; ``features`` are the teacher's cached
+    layer outputs (FitNets hints), by layer name."""
 
     logits: Tensor | None = None
     values: Tensor | None = None
     indices: Tensor | None = None
     tail: Tensor | None = None
     num_classes: int = 0
+    sample_ids: Tensor | None = None
+    sample_counts: Tensor | None = None
+    sample_temperature: float = 1.0
+    features: dict[str, Tensor] = field(default_factory=dict)
 
     @property
     def is_full(self) -> bool:
         return self.logits is not None
 
     @property
+    def is_sampled(self) -> bool:
+        """Only sampled soft labels (a loss then uses them, not logits)."""
+        return self.logits is None and self.values is None
+
+    @property
     def k(self) -> int:
         return self.logits.shape[-1] if self.is_full else self.values.shape[-1]
 
     def classes(self) -> int:
-        """Number of classes C (``num_classes`` is required for top-k targets)."""
+        """Number of classes C (``num_classes`` is required for top-k and sampled targets)."""
         if self.is_full:
             return self.logits.shape[-1]
         if self.num_classes <= 0:
-            raise ValueError("a top-k SoftTarget needs num_classes > 0")
+            raise ValueError("a top-k or sampled SoftTarget needs num_classes > 0")
         return self.num_classes
 
 
@@ -99,9 +110,18 @@ def _batch_kl(log_p: Tensor, log_q: Tensor) -> Tensor:
     return terms.sum(dim=-1).mean()
 
 
+def _sample_weights(target: SoftTarget) -> Tensor:
+    """(B, C) empirical distribution of the draws: counts / M at the drawn ids."""
+    counts = target.sample_counts.float()
+    dense = torch.zeros(len(counts), target.classes(), device=counts.device)
+    return dense.scatter_add_(1, target.sample_ids, counts) / counts.sum(1, keepdim=True)
+
+
 def teacher_probs(target: SoftTarget, T: float = 1.0) -> Tensor:
     """Dense teacher distribution (B, C) at temperature T; top-k targets spread the rest mass evenly over the
-    absent classes (format.topk's rule)."""
+    absent classes (format.topk's rule); sampled targets give their draws' frequencies (at their own T)."""
+    if target.is_sampled:
+        return _sample_weights(target)
     c = target.classes()
     if target.is_full or target.k == c:
         return (_dense_logits(target) / T).softmax(dim=1)
@@ -109,7 +129,9 @@ def teacher_probs(target: SoftTarget, T: float = 1.0) -> Tensor:
 
 
 def teacher_argmax(target: SoftTarget) -> Tensor:
-    """Teacher's predicted class (B,)."""
+    """Teacher's predicted class (B,) (sampled targets: the id drawn most often)."""
+    if target.is_sampled:
+        return target.sample_ids.gather(1, target.sample_counts.argmax(1, keepdim=True)).squeeze(1)
     if target.is_full:
         return target.logits.argmax(dim=1)
     return target.indices.gather(1, target.values.argmax(dim=1, keepdim=True)).squeeze(1)
@@ -137,6 +159,8 @@ def kl_soft(student_logits: Tensor, target: SoftTarget, T: float, topk_mode: str
     """
     c = _check_classes(student_logits, target)
     s = student_logits.float() / T
+    if target.is_sampled:
+        return sampled_kl(student_logits, target, T)
     if target.is_full or (topk_mode == "tail" and target.k == c):
         return _batch_kl((_dense_logits(target) / T).log_softmax(dim=1), s.log_softmax(dim=1))
     if topk_mode == "renorm":
@@ -149,6 +173,17 @@ def kl_soft(student_logits: Tensor, target: SoftTarget, T: float, topk_mode: str
     log_q_rest = log_q.masked_fill(in_topk, float("-inf")).logsumexp(dim=1, keepdim=True)
     log_q_buckets = torch.cat([log_q.gather(1, target.indices), log_q_rest], dim=1)
     return _batch_kl(_bucket_log_probs(target, T), log_q_buckets)
+
+
+def sampled_kl(student_logits: Tensor, target: SoftTarget, T: float) -> Tensor:
+    """KL(p_teacher^T || q_student^T) estimated from sampled soft labels (Anshumann et al., 2025): the batch mean of
+    -(1/M) Σ counts · log q^T(id), which is the cross-entropy estimate minus nothing — it differs from the KL by the
+    teacher's entropy, a constant, so its gradient is an unbiased estimate of the KL's. The draws must be from the
+    teacher at this T (kdtrain refuses another T)."""
+    log_q = (student_logits.float() / T).log_softmax(dim=1)
+    counts = target.sample_counts.float()
+    picked = log_q.gather(1, target.sample_ids)
+    return -((counts * picked).sum(1) / counts.sum(1)).mean()
 
 
 def kd(

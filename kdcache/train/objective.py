@@ -54,7 +54,8 @@ class Objective:
 def take_rows(t: SoftTarget, index: Tensor) -> SoftTarget:
     """The soft targets of the rows `index` selects (a permutation for mixup partners, a mask of token positions)."""
     return replace(t, **{f.name: getattr(t, f.name)[index] for f in fields(t)
-                         if isinstance(getattr(t, f.name), Tensor)})
+                         if isinstance(getattr(t, f.name), Tensor)},
+                   features={k: v[index] for k, v in t.features.items()})
 
 
 def mixup_loss(objective: Objective, heads: Tensor, y: Tensor, targets: list[SoftTarget], perm: Tensor,

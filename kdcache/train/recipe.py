@@ -24,17 +24,19 @@ from kdcache.data.datasets import is_factory, open_dataset
 from kdcache.data.hftok import check_model_vocab
 from kdcache.data.render import ModelInput, image_only, model_input
 from kdcache.data.sources import SourceDataset
-from kdcache.data.views import AugmentSpec
+from kdcache.data.views import AugmentSpec, identity_views
 from kdcache.device import amp_dtype, autocast, pick_device, to_model_layout
 from kdcache.dist import Dist, init_from_env, shutdown
 from kdcache.errors import KDCacheError
 from kdcache.io.reader import Cache, open_cache
 from kdcache.models import HeadsView, build_model, param_count
+from kdcache.models.taps import tap
 from kdcache.progress import progress, say
 from kdcache.train.align import check_alignment
 from kdcache.train.batches import Batch, PairedLoader
 from kdcache.train.eval import evaluate
 from kdcache.train.losses import SoftTarget
+from kdcache.train.hints import HintLoss, probe_shape, student_layer
 from kdcache.train.objective import Objective, mixup_loss
 from kdcache.train.run_dir import RunDir
 
@@ -85,6 +87,7 @@ class Trainer:
     targets: Callable[[Batch, Tensor], list[SoftTarget]]
     mixup: float = 0.0
     rng: np.random.Generator | None = None
+    hint: HintLoss | None = None
 
     def step(self, batch: Batch) -> Tensor:
         """Render the batch, compute the loss against its soft targets, and take one optimiser step."""
@@ -100,6 +103,8 @@ class Trainer:
             loss = mixup_loss(self.objective, heads, batch.labels, targets, perm, lam, self.gen)
         else:
             loss = self.objective(heads, batch.labels, targets, self.gen)
+        if self.hint is not None:
+            loss = loss + self.hint(batch.labels, targets[0])
         self.opt.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         if self.clip > 0:
@@ -172,6 +177,41 @@ def _dataset_spec(cfg: TrainConfig, caches: list[Cache]) -> DataChoice:
                       cfg.seq_len or recorded.get("seq_len"), cfg.tokenizer or recorded.get("tokenizer"))
 
 
+def _check_soft_labels(cfg: TrainConfig, caches: list[Cache]) -> None:
+    """Sampled soft labels estimate the teacher at the temperature they were drawn at: train at that T."""
+    for c in caches:
+        sampled = c.layout.samples and (cfg.loss.soft_labels == "samples" or not c.layout.logits)
+        if cfg.loss.soft_labels == "samples" and not c.layout.samples:
+            raise KDCacheError(f"{c.path} holds no sampled soft labels: dump the teacher with --sample M, or drop "
+                               "--soft-labels samples")
+        if sampled and cfg.loss.loss in ("kd", "auto"):
+            taus = cfg.loss.taus or (cfg.loss.temperature,)
+            if any(abs(t - c.sample_temperature) > 1e-9 for t in taus):
+                raise KDCacheError(f"the soft labels of {c.path} were drawn at temperature {c.sample_temperature}: "
+                                   f"train with -T {c.sample_temperature} (and --taus at it, if given): an unbiased "
+                                   "estimate holds only there")
+
+
+def _build_hint(cfg: TrainConfig, model: torch.nn.Module, caches: list[Cache], targets: Targets, ds: SourceDataset,
+                pre: ModelInput, device: torch.device, stack: ExitStack) -> HintLoss | None:
+    """The FitNets hint toward the teacher feature --hint names (from the cache, or the targets hook's `features`)."""
+    if cfg.hint is None:
+        return None
+    if cfg.mixup > 0:
+        raise KDCacheError("--hint with --mixup: a mixed input has no cached teacher feature; use one of them")
+    specs = (caches[0].attrs.get("features") if caches else getattr(targets, "features", None)) or []
+    teacher = next((f for f in specs if f["layer"] == cfg.hint), None)
+    if teacher is None:
+        have = ", ".join(f["layer"] for f in specs) or "none"
+        raise KDCacheError(f"--hint {cfg.hint}: the teacher's cache holds no feature of that layer (it holds "
+                           f"{have}); dump it with --features {cfg.hint}")
+    layer, use_input = student_layer(model, cfg.hint_student)
+    seen = stack.enter_context(tap(model, [layer], "student", inputs=use_input))
+    sample = to_model_layout(pre(ds[0][0][None].to(device), torch.from_numpy(identity_views(1)[:, 0]).to(device)))
+    shape = probe_shape(model, seen, layer, sample, teacher, ds.info.per_token)
+    return HintLoss(layer, teacher, shape, ds.info.per_token, cfg.hint_weight, seen).to(device)
+
+
 def _student_kwargs(cfg: TrainConfig, n_teachers: int) -> dict:
     """The builder options exactly as used (recorded in checkpoints, so `kdcache dump` rebuilds the same net)."""
     kwargs = dict(cfg.student_args)
@@ -235,22 +275,27 @@ def _run(cfg: TrainConfig, d: Dist, device: torch.device, targets: Targets | Non
                             **train_ds.info.model_inputs).to(device)
         if device.type == "cuda" and len(pre.input_shape) == 3:
             model = model.to(memory_format=torch.channels_last)
+        _check_soft_labels(cfg, caches)
+        hint = _build_hint(cfg, model, caches, targets, train_ds, pre, device, stack)
         loader = PairedLoader(train_ds, caches, cfg.batch_size, cfg.seed, cfg.num_workers, device,
-                              augment=_augment(cfg, train_ds, caches), rank=d.rank, world_size=d.world_size)
-        opt, sched = build_optimizer(cfg, model, cfg.epochs * len(loader))
+                              augment=_augment(cfg, train_ds, caches), rank=d.rank, world_size=d.world_size,
+                              soft_labels=cfg.loss.soft_labels)
+        trained = torch.nn.ModuleList([model, *([hint] if hint is not None else [])])
+        opt, sched = build_optimizer(cfg, trained, cfg.epochs * len(loader))
         scaler = torch.amp.GradScaler(enabled=amp_dtype(device) == torch.float16)
         meta = {"student": cfg.student, "student_args": student_args,
                 "num_classes": train_ds.info.num_classes, "image_size": getattr(pre, "image_size", None),
                 "input": train_ds.info.input_json(), "params": param_count(model), "dataset": data.spec,
                 "world_size": d.world_size, "caches": [c.path for c in caches],
-                "teachers": [{"cache": c.path, **c.attrs["teacher"]} for c in caches]}
-        start, best = run.restore(model, opt, sched, scaler, meta)
+                "teachers": [{"cache": c.path, **c.attrs["teacher"]} for c in caches],
+                "hint": None if hint is None else [cfg.hint, hint.student_layer, cfg.hint_weight]}
+        start, best = run.restore(model, opt, sched, scaler, meta, hint)
         net: torch.nn.Module = HeadsView(model)
         if d.active:
             net = DDP(net, device_ids=[device.index] if device.type == "cuda" else None)
         trainer = Trainer(net, objective, opt, sched, scaler, pre, device, cfg.clip,
                           torch.Generator(device=device).manual_seed(cfg.seed + d.rank), targets, cfg.mixup,
-                          np.random.default_rng([cfg.seed, d.rank]))
+                          np.random.default_rng([cfg.seed, d.rank]), hint)
         t0 = time.perf_counter()
         for epoch in range(start, cfg.epochs):
             t_epoch = time.perf_counter()
@@ -264,7 +309,7 @@ def _run(cfg: TrainConfig, d: Dist, device: torch.device, targets: Targets | Non
                    "samples_per_s": seen / max(train_time, 1e-9)}
             if "top1_by_group" in ev:
                 row["top1_by_group"] = ev["top1_by_group"]
-            best = run.end_epoch(row, ev, model, opt, sched, scaler, meta, best, cfg.plots)
+            best = run.end_epoch(row, ev, model, opt, sched, scaler, meta, best, cfg.plots, hint)
             say(epoch_line(row, cfg.epochs), cfg.progress and d.main)
         config = asdict(replace(cfg, loss=objective.cfg))
         return run.finish(meta, config, wall_seconds=time.perf_counter() - t0)

@@ -11,7 +11,7 @@ import torch
 
 from kdcache.errors import KDCacheError
 
-RESUME_KEYS = ("student", "student_args", "num_classes", "input", "caches")  # what a resumed run must share
+RESUME_KEYS = ("student", "student_args", "num_classes", "input", "caches", "hint")  # what a resumed run must share
 LOG_FIELDS = ("epoch", "train_loss", "test_top1", "test_ece", "test_nll", "test_ppl", "agreement", "lr",
               "train_seconds", "samples_per_s")  # log.csv's columns; metrics.json keeps every field of each epoch
 
@@ -55,7 +55,7 @@ class RunDir:
                                "folder you can write") from None
 
     def restore(self, model: torch.nn.Module, opt: torch.optim.Optimizer, sched: object,
-                scaler: torch.amp.GradScaler, meta: dict) -> tuple[int, float]:
+                scaler: torch.amp.GradScaler, meta: dict, extra: torch.nn.Module | None = None) -> tuple[int, float]:
         """Load `last` when resuming the same run; returns (first epoch to run, best top-1 so far)."""
         if not self.resume:
             return 0, -1.0
@@ -67,6 +67,8 @@ class RunDir:
                                        f"command has {meta[key]!r}; rerun the original command with --resume, or "
                                        "start a new run (--overwrite or another --out)")
             model.load_state_dict(ck["model"])
+            if extra is not None:
+                extra.load_state_dict(ck["extra"])
             opt.load_state_dict(ck["optimizer"])
             sched.load_state_dict(ck["scheduler"])
             scaler.load_state_dict(ck["scaler"])
@@ -80,8 +82,11 @@ class RunDir:
         return int(ck["epoch"]), float(ck["best_top1"])
 
     def end_epoch(self, row: dict, ev: dict, model: torch.nn.Module, opt: torch.optim.Optimizer, sched: object,
-                  scaler: torch.amp.GradScaler, meta: dict, best: float, plots: bool) -> float:
-        """Log the epoch, save `last` (and `best` when top-1 improved), redraw plots; returns the best top-1."""
+                  scaler: torch.amp.GradScaler, meta: dict, best: float, plots: bool,
+                  extra: torch.nn.Module | None = None) -> float:
+        """Log the epoch, save `last` (and `best` when top-1 improved), redraw plots; returns the best top-1.
+
+        `extra` (e.g. a hint regressor) is training state saved in `last` only: `best` stays the student alone."""
         self.rows.append(row)
         if not self.writer:
             return max(best, row["test_top1"])
@@ -96,7 +101,8 @@ class RunDir:
             best = row["test_top1"]
             _atomic_save(state, self.best)
         _atomic_save(state | {"optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                              "scaler": scaler.state_dict(), "best_top1": best}, self.last)
+                              "scaler": scaler.state_dict(), "best_top1": best,
+                              **({"extra": extra.state_dict()} if extra is not None else {})}, self.last)
         if plots:
             from kdcache.train.plots import plot_curves, plot_reliability
 
