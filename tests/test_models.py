@@ -169,7 +169,7 @@ def test_unknown_model():
     with pytest.raises(KDCacheError) as err:
         build_model("foo", 10, (3, 32, 32))
     assert str(err.value).startswith("unknown model 'foo': use one of cifar_resnet18, cifar_resnet10,")
-    assert str(err.value).endswith("a torchvision classification model name, or package.module:factory")
+    assert str(err.value).endswith("a torchvision classification model name, timm:NAME, hf:DIR, or package.module:factory")
 
 
 def test_factory_path(tmp_path, monkeypatch):

@@ -83,6 +83,15 @@ def build_model(name: str, num_classes: int, input_shape: tuple[int, ...], optio
 
         _check_options(name, build_hf, kwargs, ("path", "num_classes", "input_shape", "vocab_size"))
         model = build_hf(name[3:], num_classes, input_shape, vocab_size, **kwargs)
+    elif name.startswith("timm:"):
+        from .timm_models import build_timm  # timm itself is imported inside, with a one-line error when missing
+
+        _reject_distill(name, kwargs)
+        kwargs = {k: v for k, v in kwargs.items() if NEUTRAL_OPTIONS.get(k, object()) != v}
+        for key in ("num_classes", "in_chans", "pretrained", "vocab_size"):
+            if key in kwargs:
+                raise KDCacheError(f"{key} is set by kdcache, not by a builder option: drop {key}=")
+        model = build_timm(name, num_classes, input_shape, **kwargs)
     elif ":" in name:
         model = _build_factory(name, num_classes, input_shape, kwargs, vocab_size)
     else:
@@ -95,7 +104,7 @@ def build_model(name: str, num_classes: int, input_shape: tuple[int, ...], optio
 def _unknown(name: str) -> KDCacheError:
     return KDCacheError(
         f"unknown model {name!r}: use one of {', '.join(BUILTINS)}, "
-        "a torchvision classification model name, or package.module:factory"
+        "a torchvision classification model name, timm:NAME, hf:DIR, or package.module:factory"
     )
 
 

@@ -89,6 +89,12 @@ def _load_default(model: nn.Module, name: str) -> dict[str, Any]:
         from .hf import hf_identity
 
         return hf_identity(name[3:], model)
+    if name.startswith("timm:"):  # timm's pretrained weights, from the hub or its local cache
+        from .timm_models import pretrained_state, state_sha256
+
+        state, ident = pretrained_state(model, name)
+        _fit(model, state, f"timm's pretrained weights {ident['weights']}", name, "")
+        return ident | {"sha256": state_sha256(model), "params": param_count(model)}
     if name not in torchvision_names():
         raise KDCacheError(
             f"no published weights for {name!r}: pass --weights PATH to a checkpoint (train one with kdtrain)"
