@@ -17,6 +17,7 @@ from kdcache.config import (
     OPTIMIZERS,
     SOFT_LABELS,
     TOPK_MODES,
+    DemoConfig,
     DumpConfig,
     LossConfig,
     TrainConfig,
@@ -289,17 +290,17 @@ def kdtrain_main(caches: tuple[str, ...], student_args: tuple[str, ...], loss: s
 
 
 @kdcache_main.command(context_settings=CONTEXT)
-@click.option("--out", default="kdcache-demo", show_default=True, help="Directory for the demo's runs and caches.")
-@click.option("--teacher-epochs", type=click.IntRange(1), default=15, show_default=True)
-@click.option("--student-epochs", type=click.IntRange(1), default=20, show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--out", default=DemoConfig.out, show_default=True, help="Directory for the demo's runs and caches.")
+@click.option("--teacher-epochs", type=click.IntRange(1), default=DemoConfig.teacher_epochs, show_default=True)
+@click.option("--student-epochs", type=click.IntRange(1), default=DemoConfig.student_epochs, show_default=True)
+@click.option("--seed", type=int, default=DemoConfig.seed, show_default=True)
 @click.option("--quiet", is_flag=True)
 @clean_errors()
 def demo(out: str, teacher_epochs: int, student_epochs: int, seed: int, quiet: bool) -> None:
     """The whole pipeline on the embedded digits data: teacher → dump → students, then a results table."""
     import time
 
-    from kdcache.demo import DemoConfig, format_table, run_demo
+    from kdcache.demo import format_table, run_demo
 
     t0 = time.perf_counter()
     rows = run_demo(DemoConfig(out=out, teacher_epochs=teacher_epochs, student_epochs=student_epochs, seed=seed,

@@ -201,3 +201,22 @@ class TrainConfig:
     @property
     def run_dir(self) -> str:
         return self.out if self.out is not None else default_run_dir(self.student)
+
+
+@dataclass(frozen=True)
+class DemoConfig:
+    """`kdcache demo`: sized so that the whole pipeline runs in about a minute on two CPU cores."""
+
+    out: str = "kdcache-demo"
+    teacher: str = "cifar_resnet18"
+    teacher_args: tuple[tuple[str, object], ...] = (("width", 16),)
+    teacher_epochs: int = 15
+    students: tuple[tuple[str, tuple[tuple[str, object], ...]], ...] = (
+        ("mlp", (("hidden", (256, 256)),)), ("vit_nano", (("patch_size", 4),)))
+    student_epochs: int = 20
+    image_size: int = 16
+    topk: int = 3
+    temperature: float = 4.0
+    alpha: float = 0.5
+    seed: int = 0
+    progress: bool = True

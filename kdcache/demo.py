@@ -1,7 +1,7 @@
 """`kdcache demo`: the whole pipeline on the embedded digits data, ending in one results table.
 
-teacher (kdtrain, no cache) → kdcache dump (full and top-k, train and test splits)
-→ students from scratch and distilled from each cache.
+teacher (kdtrain, no cache) → kdcache dump of the train split (full and top-k) and of the test split (full,
+for the students' agreement with the teacher) → students from scratch and distilled from each train cache.
 """
 
 from __future__ import annotations
@@ -10,27 +10,10 @@ import os
 import time
 from dataclasses import dataclass
 
-from kdcache.config import DumpConfig, LossConfig, TrainConfig
+from kdcache.config import DemoConfig, DumpConfig, LossConfig, TrainConfig
 from kdcache.errors import KDCacheError
 from kdcache.ops.dump import run_dump
 from kdcache.train.recipe import run_train
-
-
-@dataclass(frozen=True)
-class DemoConfig:
-    out: str = "kdcache-demo"
-    teacher: str = "cifar_resnet18"
-    teacher_args: tuple[tuple[str, object], ...] = (("width", 16),)
-    teacher_epochs: int = 15
-    students: tuple[tuple[str, tuple[tuple[str, object], ...]], ...] = (
-        ("mlp", (("hidden", (256, 256)),)), ("vit_nano", (("patch_size", 8),)))
-    student_epochs: int = 20
-    image_size: int = 32
-    topk: int = 3
-    temperature: float = 4.0
-    alpha: float = 0.5
-    seed: int = 0
-    progress: bool = True
 
 
 @dataclass
@@ -67,15 +50,14 @@ def run_demo(cfg: DemoConfig) -> list[Row]:
     rows.append(_row(cfg.teacher, "teacher (labels)", teacher))
     weights = os.path.join(cfg.out, "teacher", "best.pt")
     caches = {}
-    for split in ("train", "test"):
-        for kind, k in (("full", None), (f"top{cfg.topk}", cfg.topk)):
-            path = os.path.join(cfg.out, f"{split}-{kind}.zarr")
-            t0 = time.perf_counter()
-            run_dump(DumpConfig(teacher=cfg.teacher, weights=weights, split=split, out=path, topk=k,
-                                image_size=cfg.image_size, overwrite=True, progress=cfg.progress,
-                                command=f"kdcache demo (dump {split} {kind})"))
-            caches[(split, kind)] = path
-            print(f"dumped {path} in {time.perf_counter() - t0:.1f} s", flush=True)
+    for split, kind, k in (("train", "full", None), ("train", f"top{cfg.topk}", cfg.topk), ("test", "full", None)):
+        path = os.path.join(cfg.out, f"{split}-{kind}.zarr")
+        t0 = time.perf_counter()
+        run_dump(DumpConfig(teacher=cfg.teacher, weights=weights, split=split, out=path, topk=k,
+                            image_size=cfg.image_size, overwrite=True, progress=cfg.progress,
+                            command=f"kdcache demo (dump {split} {kind})"))
+        caches[(split, kind)] = path
+        print(f"dumped {path} in {time.perf_counter() - t0:.1f} s", flush=True)
     for student, args in cfg.students:
         rows.append(_row(student, "scratch (labels)", _train(cfg, f"{student}-scratch", student, args,
                                                              cfg.student_epochs)))
