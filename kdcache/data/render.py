@@ -26,13 +26,27 @@ def default_image_size(base_hw: int) -> int:
     return 32 if base_hw <= 32 else 224
 
 
+INTERPOLATIONS = ("bilinear", "bicubic", "nearest")  # grid_sample modes a model's input may be resampled with
+
+
 @dataclass(frozen=True)
 class Preprocess:
-    """How a model sees a view of an image: ``image_size`` square pixels, then (x - mean) / std."""
+    """How a model sees a view of an image: ``image_size`` square pixels resampled with ``interpolation``
+    ("bilinear" default, "bicubic", "nearest"), then (x - mean) / std.
+
+    ``crop_pct`` is the fraction of the base image the identity view covers: 1.0 (default) the whole image,
+    c < 1 the central c x c box (timm's evaluation transform: resize to size / c, centre-crop size). A stored
+    view's box is taken inside that central box, so every view of a c < 1 model is zoomed by 1 / c about the
+    image centre. Models from timm take all of these from their pretrained configuration
+    (``kdcache.models.timm_models``); defaults reproduce kdcache's rendering before these fields existed, and
+    ``to_json`` writes only the fields that differ from them (so older caches and readers are unchanged).
+    """
 
     image_size: int
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
+    interpolation: str = "bilinear"
+    crop_pct: float = 1.0
 
     def __post_init__(self) -> None:
         try:
@@ -48,9 +62,19 @@ class Preprocess:
             raise KDCacheError(f"mean and std need 3 values each, got {mean} and {std}: give one per RGB channel")
         if min(std) <= 0:
             raise KDCacheError(f"std values must be > 0, got {std}: fix the normalisation std")
+        if self.interpolation not in INTERPOLATIONS:
+            raise KDCacheError(f"bad interpolation {self.interpolation!r}: use one of {', '.join(INTERPOLATIONS)}")
+        try:
+            crop = float(self.crop_pct)
+        except (TypeError, ValueError):
+            crop = float("nan")
+        if not 0.0 < crop <= 1.0:
+            raise KDCacheError(f"bad crop_pct {self.crop_pct!r}: the central fraction of the image a model sees "
+                               "is in (0, 1], e.g. 0.875")
         object.__setattr__(self, "image_size", s)
         object.__setattr__(self, "mean", mean)
         object.__setattr__(self, "std", std)
+        object.__setattr__(self, "crop_pct", crop)
 
     @property
     def input_shape(self) -> tuple[int, ...]:
@@ -60,7 +84,12 @@ class Preprocess:
         return render(samples, views, self)
 
     def to_json(self) -> dict:
-        return {"image_size": self.image_size, "mean": list(self.mean), "std": list(self.std)}
+        out = {"image_size": self.image_size, "mean": list(self.mean), "std": list(self.std)}
+        if self.interpolation != "bilinear":
+            out["interpolation"] = self.interpolation
+        if self.crop_pct != 1.0:
+            out["crop_pct"] = self.crop_pct
+        return out
 
     @classmethod
     def from_json(cls, d) -> "Preprocess":
@@ -69,6 +98,8 @@ class Preprocess:
                 image_size=int(d["image_size"]),
                 mean=tuple(float(v) for v in d.get("mean", IMAGENET_MEAN)),  # type: ignore[arg-type]
                 std=tuple(float(v) for v in d.get("std", IMAGENET_STD)),  # type: ignore[arg-type]
+                interpolation=str(d.get("interpolation", "bilinear")),
+                crop_pct=float(d.get("crop_pct", 1.0)),
             )
         except (KeyError, AttributeError, TypeError, ValueError, KDCacheError) as e:
             raise KDCacheError(f"bad stored preprocessing {d!r} ({e}): the cache metadata is damaged") from None
@@ -97,15 +128,27 @@ def view_grid(views: Tensor, size: int) -> Tensor:
     return torch.stack((gx.expand(b, size, size), gy.expand(b, size, size)), dim=-1)
 
 
+def central_box(views: Tensor, crop_pct: float) -> Tensor:
+    """Views ``(B, 5)`` taken inside the central ``crop_pct`` box of the image (the identity view becomes that
+    box): ``y0 -> (1 - c) / 2 + c * y0``, ``h -> c * h`` (x0, w alike), flip unchanged."""
+    v = views.to(torch.float32)
+    c = float(crop_pct)
+    y0, x0, h, w, flip = v.unbind(-1)
+    off = (1.0 - c) / 2.0
+    return torch.stack((off + c * y0, off + c * x0, c * h, c * w, flip), dim=-1)
+
+
 def render(images: Tensor, views: Tensor, pre: Preprocess) -> Tensor:
     """Render views of base images: float32 ``(B, 3, S, S)``, normalised.
 
     ``images``: ``(B, C, H, W)`` uint8 (0..255) or float (0..1), C in {1, 3},
     on any device; ``views``: ``(B, 5)`` (or one ``(5,)`` view for all),
-    moved to the images' device.  Steps: to float in [0, 1]; crop + resize +
-    flip in one bilinear ``F.grid_sample`` (``padding_mode="zeros"``,
-    ``align_corners=False``, grid from :func:`view_grid`); 1 channel repeated
-    to 3; ``(x - mean) / std``.  Runs under ``torch.no_grad`` semantics (no
+    moved to the images' device.  Steps: to float in [0, 1]; the views taken
+    inside the central ``pre.crop_pct`` box (:func:`central_box`; skipped at
+    1.0); crop + resize + flip in one ``F.grid_sample`` of mode
+    ``pre.interpolation`` (``padding_mode="zeros"``, ``align_corners=False``,
+    grid from :func:`view_grid`; bicubic output clamped to [0, 1]); 1 channel
+    repeated to 3; ``(x - mean) / std``.  Runs under ``torch.no_grad`` semantics (no
     autograd use intended).
 
     Exactness: each output row depends only on its own image and view, so on
@@ -133,13 +176,17 @@ def render(images: Tensor, views: Tensor, pre: Preprocess) -> Tensor:
         raise ValueError(f"views must be ({b}, 5), got {tuple(views.shape)}")
     with torch.no_grad():
         if images.dtype == torch.uint8:
-            x = images.to(torch.float32) / 255.0
+            x = images.to(torch.float32).div_(255.0)  # in place: one float copy of the batch, not two
         elif images.is_floating_point():
             x = images.to(torch.float32)
         else:
             raise ValueError(f"images must be uint8 or float, got {images.dtype}")
+        if pre.crop_pct != 1.0:
+            views = central_box(views, pre.crop_pct)
         grid = view_grid(views, pre.image_size)
-        out = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+        out = F.grid_sample(x, grid, mode=pre.interpolation, padding_mode="zeros", align_corners=False)
+        if pre.interpolation == "bicubic":
+            out = out.clamp_(0.0, 1.0)  # cubic weights overshoot; a resized image stays in [0, 1] (as PIL's does)
         if c == 1:
             out = out.expand(b, 3, pre.image_size, pre.image_size)
         mean = torch.tensor(pre.mean, dtype=torch.float32, device=x.device).view(1, 3, 1, 1)
@@ -169,14 +216,16 @@ def image_only(flag: str, info: DatasetInfo) -> KDCacheError:
                         f"models exactly as given: drop {flag}")
 
 
-def model_input(info: DatasetInfo, image_size: int | None) -> ModelInput:
-    """The input of a model trained or run on this dataset: images at `image_size` (default by their size),
+def model_input(info: DatasetInfo, image_size: int | None, fields: dict | None = None) -> ModelInput:
+    """The input of a model trained or run on this dataset: images at `image_size` (default by their size) with
+    the model's own `fields` (``kdcache.models.model_preprocess``: a timm model's mean, std, ...) over the defaults;
     tensors as they are (an image size is then an error, not ignored)."""
     if not info.is_image:
         if image_size:
             raise image_only("--image-size", info)
         return Passthrough(tuple(info.sample_shape))
-    return Preprocess(image_size or default_image_size(max(info.sample_shape[1:])))
+    return Preprocess(**{"image_size": image_size or default_image_size(max(info.sample_shape[1:])),
+                         **(fields or {})})
 
 
 def input_from_json(d: dict, info: DatasetInfo) -> ModelInput:

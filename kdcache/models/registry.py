@@ -101,6 +101,17 @@ def build_model(name: str, num_classes: int, input_shape: tuple[int, ...], optio
     return model
 
 
+def model_preprocess(name: str, image_size: int | None, crop_pct: float | None = None) -> dict[str, Any]:
+    """``Preprocess`` fields model ``name`` asks for beyond kdcache's defaults (the data layer builds it): a timm
+    model's from its pretrained configuration (``image_size`` given: that size instead of the configuration's);
+    ``crop_pct`` given (a student replaying its teacher's crop): that crop instead of the model's."""
+    if name.startswith("timm:"):
+        from .timm_models import timm_preprocess
+
+        return timm_preprocess(name, image_size, crop_pct)
+    return {} if crop_pct is None else {"crop_pct": crop_pct}
+
+
 def _unknown(name: str) -> KDCacheError:
     return KDCacheError(
         f"unknown model {name!r}: use one of {', '.join(BUILTINS)}, "

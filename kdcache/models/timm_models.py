@@ -194,6 +194,17 @@ def _offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
 
 
+def published_classes(name: str) -> int | None:
+    """The class count of timm's pretrained weights for ``name`` (None: timm publishes none)."""
+    _timm()
+    from timm.models import get_pretrained_cfg
+
+    cfg = get_pretrained_cfg(_arch(name))
+    if cfg is None or not (cfg.hf_hub_id or cfg.url or cfg.file):
+        return None
+    return int(cfg.num_classes) if cfg.num_classes else None
+
+
 def pretrained_state(model: nn.Module, name: str) -> tuple[dict[str, Any], dict[str, Any]]:
     """timm's pretrained weights for ``name`` as a state_dict for ``model`` (built by :func:`build_timm`: timm
     rebuilds the same architecture with ``pretrained=True``, adapting the checkpoint to its input size and channels

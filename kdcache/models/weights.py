@@ -71,7 +71,11 @@ def _read(path: str) -> Any:
 
 
 def published_classes(name: str) -> int | None:
-    """The class count of torchvision's published DEFAULT weights for `name` (None: there are none)."""
+    """The class count of the published DEFAULT weights for `name`, torchvision's or timm's (None: there are none)."""
+    if name.startswith("timm:"):
+        from .timm_models import published_classes as timm_classes
+
+        return timm_classes(name)
     if name not in torchvision_names():
         return None
     return len(torchvision.models.get_model_weights(name).DEFAULT.meta["categories"])

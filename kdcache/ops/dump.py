@@ -26,7 +26,7 @@ from kdcache.format.spec import FEATURE_PREFIX, SAMPLING_DEFINITION, Layout, par
 from kdcache.format.topk import draw_samples, to_topk
 from kdcache.io.output import Output
 from kdcache.io.writer import ChunkWriter, Rows
-from kdcache.models import build_model, checkpoint_arch_args, load_weights, published_classes
+from kdcache.models import build_model, checkpoint_arch_args, load_weights, model_preprocess, published_classes
 from kdcache.models.taps import FeatureSpec, pool, tap
 from kdcache.progress import progress, say
 from kdcache.storage.backends import Store
@@ -125,8 +125,8 @@ def resolve_weights(cfg: DumpConfig, num_classes: int) -> tuple[str, str]:
         return run, f"kdtrain's run of {cfg.teacher}"
     published = published_classes(cfg.teacher)
     if published == num_classes:
-        return "DEFAULT", "torchvision's published weights"
-    why = (f"torchvision's published weights have {published} classes, the dataset {num_classes}"
+        return "DEFAULT", f"{'timm' if cfg.teacher.startswith('timm:') else 'torchvision'}'s published weights"
+    why = (f"the published weights have {published} classes, the dataset {num_classes}"
            if published else f"{cfg.teacher} has no published weights")
     raise KDCacheError(f"no weights for teacher {cfg.teacher}: train it with 'kdtrain --student {cfg.teacher}' "
                        f"(dump then finds {run}), or pass --weights PATH ({why})")
@@ -206,7 +206,7 @@ def run_dumps(cfgs: list[DumpConfig]) -> list[str]:
         device = d.device(requested)
         teachers = []
         for c, output in zip(cfgs, outputs):
-            pre = model_input(ds.info, c.image_size)
+            pre = model_input(ds.info, c.image_size, model_preprocess(c.teacher, c.image_size))
             model, ident = load_teacher(c, ds.info, pre, device, c.progress and d.main)
             specs = [FeatureSpec.parse(f) for f in c.features]
             shapes = _feature_shapes(model, specs, ds, pre, device)

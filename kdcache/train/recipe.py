@@ -29,7 +29,7 @@ from kdcache.device import amp_dtype, autocast, pick_device, to_model_layout
 from kdcache.dist import Dist, init_from_env, shutdown
 from kdcache.errors import KDCacheError
 from kdcache.io.reader import Cache, open_cache
-from kdcache.models import HeadsView, build_model, param_count
+from kdcache.models import HeadsView, build_model, model_preprocess, param_count
 from kdcache.models.taps import tap
 from kdcache.progress import progress, say
 from kdcache.train.align import check_alignment
@@ -159,6 +159,7 @@ class DataChoice:
     image_size: int | None
     seq_len: int | None
     tokenizer: str | None
+    crop_pct: float | None = None  # the first teacher's crop (timm's crop_pct): the student sees what it saw
 
     def open(self, split: str, data_root: str | None) -> SourceDataset:
         return open_dataset(self.spec, split, data_root, False, self.seq_len, self.tokenizer)
@@ -173,8 +174,9 @@ def _dataset_spec(cfg: TrainConfig, caches: list[Cache]) -> DataChoice:
         raise KDCacheError(f"the cache was dumped from the dataset factory {spec!r}: kdtrain does not import code "
                            f"named by a cache; pass --dataset {spec} yourself if you trust it")
     recorded = a["dataset"]
-    return DataChoice(spec, cfg.image_size or a["teacher"]["preprocess"].get("image_size"),
-                      cfg.seq_len or recorded.get("seq_len"), cfg.tokenizer or recorded.get("tokenizer"))
+    pre = a["teacher"]["preprocess"]
+    return DataChoice(spec, cfg.image_size or pre.get("image_size"), cfg.seq_len or recorded.get("seq_len"),
+                      cfg.tokenizer or recorded.get("tokenizer"), pre.get("crop_pct"))
 
 
 def _check_soft_labels(cfg: TrainConfig, caches: list[Cache]) -> None:
@@ -267,7 +269,8 @@ def _run(cfg: TrainConfig, d: Dist, device: torch.device, targets: Targets | Non
         test_cache = stack.enter_context(open_cache(cfg.test_cache)) if cfg.test_cache else None
         if test_cache is not None:
             check_alignment([test_cache], test_ds)
-        pre = model_input(train_ds.info, data.image_size)
+        pre = model_input(train_ds.info, data.image_size,
+                          model_preprocess(cfg.student, data.image_size, data.crop_pct))
         objective = Objective(cfg.loss.resolve(targets.n_teachers))
         student_args = _student_kwargs(cfg, targets.n_teachers)
         check_model_vocab(cfg.student, train_ds.info.vocab)
@@ -285,7 +288,8 @@ def _run(cfg: TrainConfig, d: Dist, device: torch.device, targets: Targets | Non
         scaler = torch.amp.GradScaler(enabled=amp_dtype(device) == torch.float16)
         meta = {"student": cfg.student, "student_args": student_args,
                 "num_classes": train_ds.info.num_classes, "image_size": getattr(pre, "image_size", None),
-                "input": train_ds.info.input_json(), "params": param_count(model), "dataset": data.spec,
+                "preprocess": pre.to_json(), "input": train_ds.info.input_json(), "params": param_count(model),
+                "dataset": data.spec,
                 "world_size": d.world_size, "caches": [c.path for c in caches],
                 "teachers": [{"cache": c.path, **c.attrs["teacher"]} for c in caches],
                 "hint": None if hint is None else [cfg.hint, hint.student_layer, cfg.hint_weight]}
