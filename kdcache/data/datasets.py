@@ -18,6 +18,11 @@ Specs understood by :func:`open_dataset`:
     with ``round(v * 255 / 16)``).  Needs no files and no network.  The split
     is a deterministic stratified 80/20 split (see :func:`_digits_split`):
     1437 train / 360 test images, each split in original sample order.
+``digits-hard`` (and ``digits-hard-shift``, ``-small``, ``-large``)
+    A harder benchmark generated from the same digits (see :mod:`kdcache.data.hard`): each digit rendered at a
+    random position and scale on a 24x24 canvas among fragments of other digits, plus noise; 2874 train / 1080
+    test images (1, 24, 24), from digits' own split of source digits.  The variants share the train split and
+    change the test digits' geometry (translated beyond the training range, smaller, larger).  Deterministic.
 ``cifar10``, ``cifar100``, ``mnist``, ``fashionmnist``
     torchvision's datasets, read from ``data_root`` (default: the
     ``KDCACHE_DATA_ROOT`` environment variable, else ``~/.cache/kdcache/data``),
@@ -66,6 +71,7 @@ import numpy as np
 from torch import Tensor
 
 from kdcache.data.agreement import open_agreement
+from kdcache.data.hard import is_hard_spec, open_digits_hard
 from kdcache.data.sources import (
     ArrayDataset,
     DatasetInfo,
@@ -107,7 +113,7 @@ def dataset_names() -> list[str]:
     Besides these, ``open_dataset`` takes the forms ``imagefolder:PATH``,
     ``text:PATH``, ``tokens:DIR`` and ``package.module:factory``.
     """
-    return ["digits", *_TORCHVISION, "pydoc", "agreement"]
+    return ["digits", "digits-hard", *_TORCHVISION, "pydoc", "agreement"]
 
 
 def _valid_specs_text() -> str:
@@ -300,6 +306,8 @@ def open_dataset(spec: str, split: str = "train", data_root: str | None = None, 
         return open_agreement(text, split)
     if low == "digits":
         return _open_digits(spec, split)
+    if is_hard_spec(low):
+        return open_digits_hard(text, split)
     if low in _TORCHVISION:
         return _open_torchvision(spec, low, split, data_root, download)
     if low.startswith("imagefolder:"):
