@@ -37,6 +37,17 @@ Specs understood by :func:`open_dataset`:
     Images are decoded with PIL, converted to RGB, resized (shorter side to
     256, antialiased bilinear) and centre-cropped to 256 x 256.  ``raw_bytes``
     is the file's bytes.
+``wds:PATTERN``
+    WebDataset tar shards, local or fsspec URLs (see :mod:`kdcache.data.wds`): brace ranges
+    (``train-{000000..000099}.tar``) and globs; ``{split}`` in the pattern becomes ``train`` / ``test`` (for
+    ``test``, ``val`` when there is no ``test`` shard), else both splits read the same shards.  A sample is the
+    members sharing a key: an image (``.jpg``/``.png``/``.webp``) and a ``.cls`` or ``.json`` label.  Indexed once
+    (tar headers, cached per shard), decoded as ``imagefolder:`` decodes files; ``raw_bytes`` is the image member.
+``hfds:DIR``
+    A Hugging Face ``datasets`` Dataset/DatasetDict written by ``save_to_disk`` (the ``shards`` extra): splits
+    ``train`` and ``test`` (or ``validation``/``val``) of a DatasetDict or as sub-folders, else one dataset for both;
+    image and label columns auto-detected (``Image`` / ``ClassLabel`` features) or named with
+    ``hfds:DIR?image=COL&label=COL``.  Decoded as ``imagefolder:``; ``raw_bytes`` is the stored image bytes.
 ``text:PATH``, ``tokens:DIR``, ``pydoc``
     Token sequences for language-model distillation (see :mod:`kdcache.data.text`): ``seq_len`` (``--seq-len``)
     tokens per sample, one next-token label per position (label ``j`` is the token after position ``j``).
@@ -79,7 +90,9 @@ from kdcache.data.sources import (
     SourceDataset,
     WrappedDataset,
 )
+from kdcache.data.hfds import open_hfds
 from kdcache.data.text import open_pydoc, open_text, open_tokens
+from kdcache.data.wds import open_wds
 from kdcache.errors import KDCacheError
 
 SPLITS = ("train", "test")
@@ -94,7 +107,7 @@ _TORCHVISION = {
     "mnist": ("MNIST", "MNIST"),
     "fashionmnist": ("FashionMNIST", "FashionMNIST"),
 }
-_SPEC_FORMS = ("imagefolder:PATH", "text:PATH", "tokens:DIR", "package.module:factory")
+_SPEC_FORMS = ("imagefolder:PATH", "wds:PATTERN", "hfds:DIR", "text:PATH", "tokens:DIR", "package.module:factory")
 _SEQUENCE_TEXT = ("pydoc",)  # built-ins that take --seq-len and --tokenizer (besides text:)
 
 
@@ -111,7 +124,8 @@ def dataset_names() -> list[str]:
     """The built-in dataset names.
 
     Besides these, ``open_dataset`` takes the forms ``imagefolder:PATH``,
-    ``text:PATH``, ``tokens:DIR`` and ``package.module:factory``.
+    ``wds:PATTERN`` (WebDataset tar shards), ``hfds:DIR`` (a saved Hugging Face
+    dataset), ``text:PATH``, ``tokens:DIR`` and ``package.module:factory``.
     """
     return ["digits", "digits-hard", *_TORCHVISION, "pydoc", "agreement"]
 
@@ -312,6 +326,10 @@ def open_dataset(spec: str, split: str = "train", data_root: str | None = None, 
         return _open_torchvision(spec, low, split, data_root, download)
     if low.startswith("imagefolder:"):
         return _open_imagefolder(spec, text[len("imagefolder:"):], split)
+    if low.startswith("wds:"):
+        return open_wds(text, text[len("wds:"):], split, DEFAULT_IMAGEFOLDER_SIZE)
+    if low.startswith("hfds:"):
+        return open_hfds(text, text[len("hfds:"):], split, DEFAULT_IMAGEFOLDER_SIZE)
     if ":" in text:
         mod_name, _, fn_name = text.partition(":")
         if all(p.isidentifier() for p in mod_name.split(".")) and fn_name.isidentifier():
@@ -372,6 +390,6 @@ def identity(ds: SourceDataset) -> dict:
 def is_factory(spec: str) -> bool:
     """True for a `package.module:factory` spec: opening it imports and runs the user's code."""
     mod_name, sep, fn_name = spec.strip().partition(":")
-    if mod_name.lower() in ("imagefolder", "text", "tokens"):  # built-in forms that take a path
+    if mod_name.lower() in ("imagefolder", "text", "tokens", "wds", "hfds"):  # built-in forms that take a path
         return False
     return bool(sep) and all(p.isidentifier() for p in mod_name.split(".")) and fn_name.isidentifier()

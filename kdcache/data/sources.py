@@ -8,6 +8,7 @@ decodes image files, `WrappedDataset` adapts any map-style torch dataset a `pack
 
 from __future__ import annotations
 
+import io
 from dataclasses import dataclass
 from typing import Any
 
@@ -132,6 +133,34 @@ class ArrayDataset(SourceDataset):
         return np.ascontiguousarray(self.data[self._index(i)]).tobytes()
 
 
+def decode_image(source: str | bytes, size: int, where: str) -> Tensor:
+    """An image file (path) or its encoded bytes as a ``3 x size x size`` uint8 base image: RGB; the shorter side
+    resized to ``size`` (antialiased bilinear; JPEGs first DCT-downscaled by ``draft`` to no less than ``size``,
+    which makes large JPEGs several times cheaper to decode); the centre ``size x size`` cropped. Every image
+    source (folders, tar shards, saved datasets) decodes with this, so the same file gives the same base image."""
+    from PIL import Image
+
+    s = int(size)
+    try:
+        with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as img:
+            img.draft("RGB", (s, s))
+            img = img.convert("RGB")
+    except OSError as e:
+        raise KDCacheError(f"cannot decode image {where} ({e}): remove or replace the file") from None
+    w, h = img.size
+    if w <= h:
+        nw, nh = s, max(s, int(round(h * s / w)))
+    else:
+        nw, nh = max(s, int(round(w * s / h))), s
+    if (nw, nh) != (w, h):
+        img = img.resize((nw, nh), Image.BILINEAR)
+    left = int(round((nw - s) / 2.0))
+    top = int(round((nh - s) / 2.0))
+    img = img.crop((left, top, left + s, top + s))
+    a = np.asarray(img, dtype=np.uint8).transpose(2, 0, 1)
+    return torch.from_numpy(np.ascontiguousarray(a))
+
+
 class ImageFolderDataset(SourceDataset):
     """Image files decoded with PIL into ``3 x S x S`` uint8 base images.
 
@@ -147,27 +176,7 @@ class ImageFolderDataset(SourceDataset):
         self.size = int(size)
 
     def _sample(self, i: int) -> Tensor:
-        from PIL import Image
-
-        s = self.size
-        try:
-            with Image.open(self.paths[i]) as img:
-                img.draft("RGB", (s, s))
-                img = img.convert("RGB")
-        except OSError as e:
-            raise KDCacheError(f"cannot decode image {self.paths[i]} ({e}): remove or replace the file") from None
-        w, h = img.size
-        if w <= h:
-            nw, nh = s, max(s, int(round(h * s / w)))
-        else:
-            nw, nh = max(s, int(round(w * s / h))), s
-        if (nw, nh) != (w, h):
-            img = img.resize((nw, nh), Image.BILINEAR)
-        left = int(round((nw - s) / 2.0))
-        top = int(round((nh - s) / 2.0))
-        img = img.crop((left, top, left + s, top + s))
-        a = np.asarray(img, dtype=np.uint8).transpose(2, 0, 1)
-        return torch.from_numpy(np.ascontiguousarray(a))
+        return decode_image(self.paths[i], self.size, self.paths[i])
 
     def raw_bytes(self, i: int) -> bytes:
         with open(self.paths[self._index(i)], "rb") as f:
