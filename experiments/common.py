@@ -35,7 +35,7 @@ from kdcache.ops.dump import run_dump
 from kdcache.ops.info import summary
 from kdcache.data.datasets import ArrayDataset, DatasetInfo, open_dataset
 from kdcache.models import build_model
-from kdcache.config import TrainConfig
+from kdcache.config import LossConfig, TrainConfig
 from kdcache.train.recipe import run_train
 from kdcache.train.objective import Objective
 
@@ -105,13 +105,19 @@ class Exp:
 
     # ----------------------------------------------------------------------- training and dumping
 
-    def train(self, run: str, seed: int = 0, objective: Objective | None = None, **kw) -> dict:
-        """kdtrain (as a library call) with the experiments' defaults: batch 64, quiet, no plots."""
+    def train(self, run: str, seed: int = 0, objective: Objective | LossConfig | None = None, targets=None,
+              **kw) -> dict:
+        """kdtrain (as a library call) with the experiments' defaults: batch 64, quiet, no plots.
+
+        `objective`: an Objective or a LossConfig (TrainConfig's `loss`); `targets`: run_train's soft-target hook
+        (kdcache.train.recipe.Targets) in place of caches; other keywords are TrainConfig fields (e.g. seq_len,
+        dataset, student_args)."""
         kw.setdefault("batch_size", 64)
-        cfg = TrainConfig(out=self.path("runs", run), seed=seed, objective=objective or Objective(),
-                          overwrite=True, progress=False, plots=False, command=f"experiments/{self.name} ({run})",
-                          **kw)
-        return run_train(cfg)
+        if objective is not None:
+            kw["loss"] = getattr(objective, "cfg", objective)
+        cfg = TrainConfig(out=self.path("runs", run), seed=seed, overwrite=True, progress=False, plots=False,
+                          command=f"experiments/{self.name} ({run})", **kw)
+        return run_train(cfg, targets)
 
     def dump(self, name: str, weights_run: str, teacher: str, **kw) -> str:
         """kdcache dump of the last-epoch checkpoint of `weights_run`; returns the cache path."""
@@ -131,7 +137,8 @@ class Exp:
         tokens = ck["model"].get("tokens")
         if tokens is not None and tokens.shape[1] > 1:  # kdtrain does not record distill_tokens in arch_args
             args["distill_tokens"] = int(tokens.shape[1]) - 1
-        model = build_model(ck["arch"], num_classes=ck["num_classes"], input_shape=(3, ck, ck)["image_size"], **args)
+        size = int(ck["image_size"])
+        model = build_model(ck["arch"], num_classes=ck["num_classes"], input_shape=(3, size, size), **args)
         model.load_state_dict(ck["model"])
         return model.eval(), int(ck["image_size"])
 
@@ -199,6 +206,24 @@ def md_table(header: Sequence[str], rows: Sequence[Sequence[object]], align: str
     lines = ["| " + " | ".join(str(h) for h in header) + " |", "|" + "|".join(sep) + "|"]
     lines += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
     return "\n".join(lines)
+
+
+def paired_t(a: Sequence[float], b: Sequence[float], level: float = 0.90) -> tuple[float, float, float, int]:
+    """Per-seed differences a - b: (mean, low, high, seeds with a > b), a two-sided `level` t-interval on the mean."""
+    d = np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)
+    m, s = mean_std(d)
+    if len(d) < 2:
+        return m, float("nan"), float("nan"), int((d > 0).sum())
+    try:
+        from scipy.stats import t
+
+        q = float(t.ppf(0.5 + level / 2, len(d) - 1))
+    except ImportError:  # scipy is not a dependency: the 90 % quantiles for 1..9 degrees of freedom
+        if level != 0.90 or len(d) > 10:
+            raise
+        q = (6.314, 2.920, 2.353, 2.132, 2.015, 1.943, 1.895, 1.860, 1.833)[len(d) - 2]
+    half = q * s / math.sqrt(len(d))
+    return m, m - half, m + half, int((d > 0).sum())
 
 
 def paired_diff(a: Sequence[float], b: Sequence[float]) -> tuple[float, float, int]:
