@@ -249,6 +249,20 @@ def test_loader_releases_each_window_once_read(topk_cache):
         assert cache._lru_used == (N - (N_CHUNKS - 3) * ROWS) * (_chunk_bytes(cache) // ROWS)  # rows left
 
 
+def test_loader_raises_a_small_lru_to_two_windows(topk_cache):
+    """An LRU smaller than the chunks the loader keeps in flight would evict them before use and decode each
+    chunk again: the loader raises it to two windows, so every chunk is decoded once."""
+    from kdcache.data.datasets import open_dataset
+    from kdcache.train.batches import PairedLoader
+
+    ds = open_dataset("digits", "train")
+    with open_cache(topk_cache, lru_bytes=1) as cache:
+        loader = PairedLoader(ds, [cache], batch_size=64, seed=1, window=2)
+        assert sum(len(batch.labels) for batch in loader.epoch(0)) == N
+        assert cache.chunks_decoded == N_CHUNKS
+        assert cache._lru_bytes == (2 * 2 + 2) * ROWS * cache.decoded_bytes() // N < cache.decoded_bytes()
+
+
 def test_loader_with_differently_chunked_caches_decodes_each_chunk_once(dump_cache):
     """A cache chunk that spans two sampler windows is kept until the later one is done."""
     from kdcache.data.datasets import open_dataset

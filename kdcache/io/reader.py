@@ -136,6 +136,13 @@ class Cache:
         """Bytes the cache takes once decoded into memory (all views)."""
         return self.layout.decoded_bytes()
 
+    def reserve(self, rows: int) -> None:
+        """Raise the LRU bound to hold `rows` decoded rows of one view plus a chunk on each side: a loader that keeps
+        windows of chunks in flight must not have them evicted before use (each eviction is a second decode)."""
+        lay = self.layout
+        per_row = lay.decoded_bytes() // max(lay.n * lay.n_views, 1)
+        self._lru_bytes = max(self._lru_bytes, (rows + 2 * lay.chunk_rows) * per_row)
+
     # --- reading --------------------------------------------------------------------------------
     def read_chunk(self, c: int, view: int = 0) -> dict[str, np.ndarray]:
         """One chunk of one view (and its labels) as stored, checked against its stored CRC-32 (join copies these

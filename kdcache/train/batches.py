@@ -71,6 +71,8 @@ class PairedLoader:
         chunk_rows = max([c.layout.chunk_rows for c in caches], default=max(len(ds), 1))
         self.sampler = ChunkAwareSampler(len(ds), chunk_rows, batch_size, window, seed, shuffle, rank, world_size)
         self.num_workers = num_workers
+        for cache in caches:  # epoch() keeps the current window and the next one in flight
+            cache.reserve(2 * window * chunk_rows)
 
     def __len__(self) -> int:
         return len(self.sampler)
