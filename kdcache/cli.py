@@ -131,7 +131,8 @@ def _bytes(text: str) -> int:
 @click.option("--teacher-arg", "teacher_args", multiple=True, help="KEY=VALUE for the teacher's builder "
               "(kdtrain checkpoints record theirs, e.g. width=16).")
 @click.option("--dataset", default=default(DumpConfig, "dataset"), show_default=True, help="digits, cifar10, cifar100, "
-              "mnist, fashionmnist, imagefolder:PATH or package.module:factory.")
+              "mnist, fashionmnist, imagefolder:PATH, wds:PATTERN (tar shards), hfds:DIR (saved HF dataset) or "
+              "package.module:factory.")
 @click.option("--split", type=click.Choice(["train", "test"]), default=default(DumpConfig, "split"), show_default=True)
 @click.option("--data-root", default=None, help="Where torchvision datasets live.")
 @click.option("--download", is_flag=True, help="Download a torchvision dataset that is missing.")
@@ -143,7 +144,8 @@ def _bytes(text: str) -> int:
 @click.option("--dtype", type=click.Choice(["auto", *VALUE_DTYPES]), default=default(DumpConfig, "dtype"),
               show_default=True, help="Values: auto is q8 for per-token top-k caches, else float16.")
 @click.option("--image-size", "image_sizes", type=int, multiple=True, help="Teacher input size for images "
-              "[default: 32 for images ≤ 32 px, else 224]; once for all teachers, or once per teacher.")
+              "[default: a timm model's own, else 32 for images ≤ 32 px, else 224]; once for all teachers, or once "
+              "per teacher.")
 @click.option("--batch-size", type=int, default=default(DumpConfig, "batch_size"), show_default=True)
 @click.option("--num-workers", type=int, default=default(DumpConfig, "num_workers"), show_default=True)
 @click.option("--device", default=default(DumpConfig, "device"), show_default=True, help="auto, cpu, cuda or cuda:N.")
