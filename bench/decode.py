@@ -1,10 +1,11 @@
 """Decode-bound dumps: several teachers in one pass vs separate dumps, and --num-workers 0 vs 2.
 
-Data. N JPEGs (default 3,000; the published run used 1,000; quality 90, ImageNet-like sizes: width 400-640, height 300-480, so every side is
->= 256 and a JPEG's draft cannot shrink it; smooth random colour fields plus noise, ~80 KB each), 10 classes,
-written once under $KDBENCH_DIR/decode/ as an image folder (`imagefolder:DIR`) and as WebDataset tar shards of
-500 samples (`wds:DIR/train-*.tar`, the same bytes). Files stay in the page cache: this measures decoding, not
-the disk. kdcache decodes each to a 256-px base image (PIL: draft, RGB, shorter side to 256, centre crop).
+Data. N JPEGs (default 3,000; the published run used 1,000; quality 90, ImageNet-like sizes: width 400-640, height
+300-480, so every side is >= 256 and a JPEG's draft cannot shrink it; smooth random colour fields plus noise, ~80 KB
+each), 10 classes, written once under $KDBENCH_DIR/decode/ as an image folder (`imagefolder:DIR`) and as WebDataset
+tar shards of 500 samples (`wds:DIR/train-*.tar`, the same bytes). Files stay in the page cache: this measures
+decoding, not the disk. kdcache decodes each to a 256-px base image (PIL: draft, RGB, shorter side to 256, centre
+crop).
 
 Teachers. Two small CNNs with random weights (speed only), saved as kdtrain saves checkpoints, so that decoding
 dominates: A = cnn_s (width 16) at 32 px, B = cifar_resnet10 (width 8) at 24 px; full fp16 logits into Zarr,

@@ -214,8 +214,8 @@ def test_timm_teacher_dump_then_student_offline(vit_teacher, folder, tmp_path, m
 def test_timm_teacher_beside_another_in_one_pass(vit_teacher, folder, tmp_path):
     """One pass, a timm teacher (bicubic, crop 0.95, mean 0.5) and an mlp (defaults): each cache as alone."""
     mlp = tmp_path / "mlp.pt"
-    torch.save({"model": build_model("mlp", 3, (3, 8, 8), {"hidden": (16,)}).state_dict(), "arch_args": {"hidden": [16]}},
-               mlp)
+    model = build_model("mlp", 3, (3, 8, 8), {"hidden": (16,)})
+    torch.save({"model": model.state_dict(), "arch_args": {"hidden": [16]}}, mlp)
     common = ["--dataset", folder, "--split", "test", "--device", "cpu", "--quiet", "--views", "2",
               "--augment", "rrc(0.35,1)+flip"]
     ok(kd("dump", "--teacher", VIT, "--weights", vit_teacher, "--image-size", 32, "--out", tmp_path / "a.zarr",

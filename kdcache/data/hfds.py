@@ -1,12 +1,14 @@
-"""Hugging Face ``datasets`` saved to disk (``hfds:DIR``) as a map-style :class:`~kdcache.data.sources.SourceDataset`
-of base images, decoded as ``imagefolder:`` decodes files (:func:`kdcache.data.sources.decode_image`).
+"""Hugging Face ``datasets`` saved to disk (``hfds:DIR``) as a map-style
+:class:`~kdcache.data.sources.SourceDataset` of base images, decoded as ``imagefolder:`` decodes files
+(:func:`kdcache.data.sources.decode_image`).
 
-A ``datasets.Dataset`` or ``DatasetDict`` written by ``save_to_disk`` (``pip install 'kdcache[shards]'``). Splits: a ``DatasetDict``'s ``train`` and ``test`` (else ``validation``/``val``); else
-``DIR/train`` and ``DIR/test`` (or ``DIR/validation``/``DIR/val``) saved separately; else one saved ``Dataset`` serves
-both splits. Columns: ``hfds:DIR?image=COL&label=COL`` names them; by default the image column is the first of the
-``Image`` feature type (else one named ``image``/``img``/``jpg``/``png``/``webp`` holding bytes), the label column
-the first ``ClassLabel`` (its names are the class names), else one named ``label``/``labels``/``cls``/``target``/
-``class`` of integers. Images are read as stored bytes (``Image(decode=False)``) and decoded as above.
+A ``datasets.Dataset`` or ``DatasetDict`` written by ``save_to_disk`` (``pip install 'kdcache[shards]'``). Splits: a
+``DatasetDict``'s ``train`` and ``test`` (else ``validation``/``val``); else ``DIR/train`` and ``DIR/test`` (or
+``DIR/validation``/``DIR/val``) saved separately; else one saved ``Dataset`` serves both splits. Columns:
+``hfds:DIR?image=COL&label=COL`` names them; by default the image column is the first of the ``Image`` feature type
+(else one named ``image``/``img``/``jpg``/``png``/``webp`` holding bytes), the label column the first ``ClassLabel``
+(its names are the class names), else one named ``label``/``labels``/``cls``/``target``/``class`` of integers.
+Images are read as stored bytes (``Image(decode=False)``) and decoded as above.
 
 *Fingerprints.* ``raw_bytes(i)`` is the image's stored bytes (one read), so a fingerprint (N, every label, 64 probed
 images: :func:`kdcache.data.datasets.fingerprint`) costs 64 reads, not a pass over the data.

@@ -38,8 +38,8 @@ class Preprocess:
     c < 1 the central c x c box (timm's evaluation transform: resize to size / c, centre-crop size). A stored
     view's box is taken inside that central box, so every view of a c < 1 model is zoomed by 1 / c about the
     image centre. Models from timm take all of these from their pretrained configuration
-    (``kdcache.models.timm_models``); defaults reproduce kdcache's rendering before these fields existed, and
-    ``to_json`` writes only the fields that differ from them (so older caches and readers are unchanged).
+    (``kdcache.models.timm_models``); ``to_json`` writes these two only when they differ from bilinear and 1.0,
+    so the preprocessing of every other model is recorded as readers of cache version 1.1 expect.
     """
 
     image_size: int

@@ -2,8 +2,8 @@
 
 ``build_timm(NAME, num_classes, input_shape)`` is ``timm.create_model(NAME, pretrained=False,
 num_classes=num_classes, in_chans=C)``, plus ``img_size=S`` for models sized at construction (ViTs and the like take
-it; models that reject it are built without it). NAME may carry a pretrained tag (``vit_small_patch16_224.augreg_in1k``),
-which picks that tag's configuration.
+it; models that reject it are built without it). NAME may carry a pretrained tag
+(``vit_small_patch16_224.augreg_in1k``), which picks that tag's configuration.
 
 **Preprocessing is the model's own.** :func:`timm_preprocess` reads the model's pretrained configuration (what
 ``timm.data.resolve_model_data_config`` resolves for the built model, read here without building it): input size,
@@ -41,7 +41,6 @@ import torch
 from torch import nn
 
 from ..errors import KDCacheError, printable
-from .registry import param_count
 
 PREFIX = "timm:"
 INSTALL_HINT = "pip install 'kdcache[timm]'"
