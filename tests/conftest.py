@@ -32,6 +32,13 @@ def save_mlp_teacher(path, image_size: int = 8, hidden=(16,), seed: int = 0) -> 
     return str(path)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _shard_index_in_tmp(tmp_path_factory):
+    """Tar-shard indexes (kdcache.data.wds) go to a temporary folder, never the user's ~/.cache (subprocesses
+    inherit it)."""
+    os.environ["KDCACHE_INDEX_DIR"] = str(tmp_path_factory.mktemp("shard-index"))
+
+
 @pytest.fixture(scope="session")
 def save_teacher():
     """save(path, image_size=8, hidden=(16,), seed=0) -> path of a random-weights mlp checkpoint for digits."""
