@@ -246,6 +246,16 @@ def test_verify_of_an_unfinished_hdf5_names_its_staging(dump_args, tmp_path):
     assert "not written yet" in r.stderr and "h.h5.partial.zarr" in r.stderr and "--resume" in r.stderr
 
 
+def test_a_cache_url_that_cannot_be_reached_is_one_line(dump_args, tmp_path):
+    """The README's `dump --out s3://bucket/x.zarr` offline (no credentials) was a botocore traceback. An fsspec
+    URL whose filesystem cannot answer (here an unknown protocol; offline: no credentials, gcsfs missing) is one
+    line, when read and when written."""
+    url = "nosuch://bucket/x.zarr"
+    for r in (kd("info", url), kd(*dump_args, "--out", url), kt("--cache", url, *TRAIN, "--out", tmp_path / "r")):
+        line = error_line(r)
+        assert f"cannot reach {url} (ValueError: Protocol not known: nosuch)" in line and "check the URL" in line
+
+
 def test_argument_errors_come_before_torch_is_imported():
     code = ("import sys\nfrom kdcache.cli import kdcache_main\n"
             "try:\n    kdcache_main(['dump', '--teacher', 'x', '--batch-size', '0'])\n"

@@ -39,10 +39,15 @@ def path_exists(path: str) -> bool:
         return os.path.lexists(path)
     import fsspec
 
-    fs, p = fsspec.core.url_to_fs(path)
     # Static hosts answer 404 for a directory URL: a Zarr group is there when its zarr.json is.
     zarr_dir = backend_for(path) == "zarr" and not is_packed(path)
-    return fs.exists(p) or (zarr_dir and fs.exists(p.rstrip("/") + "/zarr.json"))
+    try:
+        fs, p = fsspec.core.url_to_fs(path)
+        return fs.exists(p) or (zarr_dir and fs.exists(p.rstrip("/") + "/zarr.json"))
+    except Exception as e:  # an unknown protocol, its package missing, no credentials, an unreachable service
+        reason = (str(e).splitlines() or [""])[0]
+        raise KDCacheError(f"cannot reach {path} ({type(e).__name__}: {reason}): check the URL, the network, and "
+                           "the filesystem's package and credentials (e.g. s3fs and AWS_* for s3://)") from None
 
 
 def ensure_parent(path: str) -> None:
