@@ -19,7 +19,7 @@ both architectures on the whole train split, where the Transformer is the strong
 the first noun, one or two words in: a position a Transformer reads directly) -- which is why the comparison is
 made where inductive bias decides: generalising to more attractors than training showed.
 
-    .venv/bin/python -m experiments.agreement          # ~7 min on 2 cores (5 seeds)
+    .venv/bin/python -m experiments.agreement          # 5 seeds: 1114 s on the 2 shared cores (load average ~10)
 """
 
 from __future__ import annotations
