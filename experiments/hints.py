@@ -145,7 +145,8 @@ def main() -> None:
     pairs = [("KD (cache)", "labels only"), ("KD + hint (cache)", "KD (cache)"),
              ("KD + hint (online)", "KD + hint (cache)"), ("KD + hint (cache)", "labels only")]
     e.table("Paired differences by seed: mean [90 % t-interval] (seeds where the first is higher)",
-            md_table(["comparison", "Δ top-1 points", "Δ NLL", "Δ KL to teacher"], [diff_row(a, b) for a, b in pairs]))
+            md_table(["comparison", "Δ top-1 points", "Δ NLL", "Δ KL to teacher"],
+                     [diff_row(a, b) for a, b in pairs]))
     online_s = [x["teacher_seconds"] for x in res["KD + hint (online)"]]
     e.table("Cache and online cost",
             md_table(["item", "value"], [

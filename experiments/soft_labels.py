@@ -128,7 +128,8 @@ def main() -> None:
                      f"{i['soft_raw'] / VIEWS:.0f}", f"{i['soft_disk'] / VIEWS:.1f}"])
     n = len(e.seeds)
     e.table(f"MLP from {VIEWS}-view caches of `{AUG}` on `digits` (KD T={T:g}, α={ALPHA:g}; one teacher, student "
-            f"seeds 0–{n - 1}; test split, 360 images). KL = KL(teacher ‖ student) at T=1 on the test split; TV = mean "
+            f"seeds 0–{n - 1}; test split, 360 images). KL = KL(teacher ‖ student) at T=1 on the test split; "
+            "TV = mean "
             f"total-variation distance between the teacher's full T={T:g} distribution on the cached views and what "
             "the loss sees; soft-label bytes per sample per view, stored (uncompressed) and on disk (blosc-zstd)",
             md_table(["soft targets", "matched on", "top-1 %", "ECE", "NLL", "KL to teacher", "TV to full",
@@ -153,7 +154,8 @@ def main() -> None:
             "arrays alone",
             md_table(["mode", "total on disk B/sample (`kdcache info`)", "soft labels on disk", "soft labels stored",
                       "features on disk", "features stored", "decoded B/sample"], store))
-    e.table("Machine load", f"load average (1 min) at start / end of the script: {load0:.1f} / {os.getloadavg()[0]:.1f} "
+    e.table("Machine load", "load average (1 min) at start / end of the script: "
+            f"{load0:.1f} / {os.getloadavg()[0]:.1f} "
             f"(2 cores, shared)")
     e.finish()
 
