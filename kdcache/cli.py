@@ -223,7 +223,8 @@ def info(path: str, as_json: bool, markdown: bool) -> None:
               "e.g. hidden=(800,800).")
 @click.option("--dataset", default=None, help="Override the dataset the cache records (default: the cache's; "
               "digits without a cache).")
-@click.option("--data-root", default=None)
+@click.option("--data-root", default=None, help="Where torchvision datasets live.")
+@click.option("--download", is_flag=True, help="Download a torchvision dataset that is missing.")
 @click.option("--seq-len", type=int, default=None, help="Tokens per sample [default: the cache's].")
 @click.option("--tokenizer", default=None, help="text:/pydoc datasets: bytes or hf:DIR [default: the cache's].")
 @click.option("--image-size", type=int, default=None, help="Student input size for images [default: the "

@@ -149,6 +149,7 @@ class TrainConfig:
     test_cache: str | None = None
     dataset: str | None = None
     data_root: str | None = None
+    download: bool = False
     seq_len: int | None = None
     tokenizer: str | None = None
     image_size: int | None = None

@@ -256,6 +256,24 @@ def test_a_cache_url_that_cannot_be_reached_is_one_line(dump_args, tmp_path):
         assert f"cannot reach {url} (ValueError: Protocol not known: nosuch)" in line and "check the URL" in line
 
 
+def test_kdtrain_takes_the_download_its_missing_dataset_error_names(tmp_path, monkeypatch):
+    """The README's `kdtrain --student cifar_resnet18 --dataset cifar10 …` without the data said "pass --data-root
+    DIR holding it, or --download", and kdtrain had no --download."""
+    import torchvision.datasets as tvd
+
+    calls = []
+
+    def cifar10(root, train, download):
+        calls.append(download)
+        raise RuntimeError("offline" if download else "Dataset not found or corrupted.")
+
+    monkeypatch.setattr(tvd, "CIFAR10", cifar10)
+    args = [*TRAIN, "--dataset", "cifar10", "--data-root", tmp_path / "data", "--out", tmp_path / "r"]
+    assert "or --download" in error_line(kt(*args))
+    assert "CIFAR10 could not be downloaded" in error_line(kt(*args, "--download"))
+    assert calls == [False, True]
+
+
 def test_argument_errors_come_before_torch_is_imported():
     code = ("import sys\nfrom kdcache.cli import kdcache_main\n"
             "try:\n    kdcache_main(['dump', '--teacher', 'x', '--batch-size', '0'])\n"

@@ -161,8 +161,8 @@ class DataChoice:
     tokenizer: str | None
     crop_pct: float | None = None  # the first teacher's crop (timm's crop_pct): the student sees what it saw
 
-    def open(self, split: str, data_root: str | None) -> SourceDataset:
-        return open_dataset(self.spec, split, data_root, False, self.seq_len, self.tokenizer)
+    def open(self, split: str, data_root: str | None, download: bool = False) -> SourceDataset:
+        return open_dataset(self.spec, split, data_root, download, self.seq_len, self.tokenizer)
 
 
 def _dataset_spec(cfg: TrainConfig, caches: list[Cache]) -> DataChoice:
@@ -264,7 +264,7 @@ def _run(cfg: TrainConfig, d: Dist, device: torch.device, targets: Targets | Non
         caches = _open_caches(cfg, stack)
         targets = targets or Targets(len(caches))
         data = _dataset_spec(cfg, caches)
-        train_ds, test_ds = data.open("train", cfg.data_root), data.open("test", cfg.data_root)
+        train_ds, test_ds = (data.open(s, cfg.data_root, cfg.download) for s in ("train", "test"))
         check_alignment(caches, train_ds)
         test_cache = stack.enter_context(open_cache(cfg.test_cache)) if cfg.test_cache else None
         if test_cache is not None:
