@@ -254,6 +254,8 @@ def test_a_cache_url_that_cannot_be_reached_is_one_line(dump_args, tmp_path):
     for r in (kd("info", url), kd(*dump_args, "--out", url), kt("--cache", url, *TRAIN, "--out", tmp_path / "r")):
         line = error_line(r)
         assert f"cannot reach {url} (ValueError: Protocol not known: nosuch)" in line and "check the URL" in line
+    url = "http://127.0.0.1:9/x.zarr"  # nothing listens there: fsspec's HTTP filesystem answers "not there"
+    assert f"no cache at {url}: check the URL and that its host can be reached" in error_line(kd("info", url))
 
 
 def test_kdtrain_takes_the_download_its_missing_dataset_error_names(tmp_path, monkeypatch):

@@ -127,6 +127,9 @@ def open_store(path: str, mode: str = "r") -> Store:
     backend = backend_for(path)
     try:
         if not path_exists(path):
+            if is_url(path):  # offline, an https:// host reads as "not there"
+                raise KDCacheError(f"no cache at {path}: check the URL and that its host can be reached (create a "
+                                   "cache with 'kdcache dump --out URL')")
             raise KDCacheError(f"no cache at {path}: check the path (create a cache with 'kdcache dump --out PATH')")
         handle = _open_handle(path, backend, mode)
         return Store(path, backend, *(handle if isinstance(handle, tuple) else (handle,)))
