@@ -18,6 +18,7 @@ A and B: a T x alpha grid on seed 0 picks the best setting, then scratch and tha
 from __future__ import annotations
 
 import numpy as np
+import torch
 
 from experiments.common import (
     OMITTED_CLASS,
@@ -31,7 +32,8 @@ from experiments.common import (
     setup,
     test_logits,
 )
-from kdcache.train.objective import Objective
+from kdcache.config import LossConfig as Objective
+from kdcache.data.datasets import open_dataset  # the LossConfig that Exp.train resolves (was Objective)
 
 TEACHER = dict(student="cnn_s", image_size=16, epochs=10)
 STUDENT = dict(student="mlp", student_args={"hidden": (256, 256)}, image_size=16, epochs=20)
@@ -42,7 +44,9 @@ NO3_ALPHA = 0.1
 
 
 def main() -> None:
-    e = setup("hinton", __doc__.splitlines()[0], default_seeds=5)
+    e = setup("hinton", __doc__.splitlines()[0], default_seeds=5, settings=["digits", "hard"])
+    if e.setting == "hard":
+        return main_hard(e)
     seeds = [s + 1 for s in e.seeds]  # confirmatory seeds; seed 0 is the grid's
     half_a, half_b, no3 = ("experiments.common:digits_a", "experiments.common:digits_b",
                            "experiments.common:digits_no3")
@@ -179,6 +183,109 @@ def _plot(grids: dict, no3_res: dict) -> None:
     ax.set_title("no 3s in the transfer set: MLP accuracy on 3s", fontsize=9)
     fig.tight_layout()
     savefig(fig, "hinton.png")
+
+
+def _hard_member(e, s: int) -> tuple:
+    """CNN s of `--setting hard` from labels: (test scores, test logits, its train cache, cache facts)."""
+    from experiments.hard_common import CNN_FIT as CNN, logits_on
+
+    e.train(f"cnn-{s}", seed=s, **CNN)
+    model, size = e.load(f"cnn-{s}")
+    lg, y = logits_on(model, size)
+    cache = e.dump(f"cnn-{s}", f"cnn-{s}", "cnn_s", image_size=size, dataset=CNN["dataset"])
+    e.log(f"cnn {s}: {100 * scores(lg, y)['top1']:.1f}")
+    return scores(lg, y), lg, cache, cache_facts(cache)
+
+
+def _hard_students(e, s: int, caches: list[str], ens_path: str) -> dict:
+    from experiments.hard_common import CNN_FIT as CNN, KD, MLP, logits_on
+
+    out = {}
+    e.train(f"cnn-kd-{s}", seed=100 + s, caches=(ens_path,), objective=KD, **CNN)
+    out["CNN student of the ensemble"] = scores(*logits_on(*e.load(f"cnn-kd-{s}")))
+    e.train(f"mlp-{s}", seed=s, **MLP)
+    out["MLP from scratch"] = scores(*logits_on(*e.load(f"mlp-{s}")))
+    e.train(f"mlp-kd1-{s}", seed=s, caches=(caches[s],), objective=KD, **MLP)
+    out["MLP KD from CNN s"] = scores(*logits_on(*e.load(f"mlp-kd1-{s}")))
+    e.train(f"mlp-kde-{s}", seed=s, caches=(ens_path,), objective=KD, **MLP)
+    out["MLP KD from the ensemble"] = scores(*logits_on(*e.load(f"mlp-kde-{s}")))
+    e.log(f"seed {s}: " + ", ".join(f"{k} {100 * v['top1']:.1f}" for k, v in out.items()))
+    return out
+
+
+def main_hard(e) -> None:
+    """`--setting hard`: Hinton's ensemble → one model, on digits-hard (kdcache.data.hard).
+
+    N CNNs (cnn_s width 16, 24 px, 12 epochs, lr 3e-3, seeds 0..N-1) are trained from labels: they are the single models and the
+    ensemble's members.  Their 1-view caches of the train split are merged (`kdcache merge --mode mean-prob`) into
+    the ensemble's cache; one CNN of the same architecture per seed (training seed 100 + s) distils it (T = 4,
+    α = 0.1, fixed in experiments/hard_common.py).  Paired by seed s: single model s vs the ensemble vs the student
+    of seed s.  "Recovered" = (student − single) / (ensemble − single), pooled over seeds with a 90 % bootstrap
+    interval (resampling seeds).  Also the MLP: from scratch, KD from teacher s alone, KD from the ensemble."""
+    from experiments.hard_common import CNN_FIT as CNN, KD, MLP, ensemble_scores, fmt_paired, paired, run_seeds
+    from kdcache.ops.merge import merge
+
+    first = run_seeds(_hard_member, e, e.seeds)
+    single = [r for r, _, _, _ in first]
+    logits = [lg for _, lg, _, _ in first]
+    caches = [c for _, _, c, _ in first]
+    facts = [f for _, _, _, f in first]
+    y = torch.from_numpy(open_dataset(CNN["dataset"], "test").labels)
+    ens_path = e.path("caches", "ensemble.zarr")
+    merge(caches, ens_path, mode="mean-prob", overwrite=True, command="experiments/hinton (ensemble)")
+    ens_facts = cache_facts(ens_path)
+    ens = ensemble_scores(logits, y)
+    e.log(f"ensemble {100 * ens['top1']:.1f}")
+    per_seed = run_seeds(_hard_students, e, e.seeds, caches, ens_path)
+    res = {k: [out[k] for out in per_seed] for k in per_seed[0]}
+
+    top = lambda rs: [r["top1"] for r in rs]  # noqa: E731
+    n = len(e.seeds)
+    gain_ens = paired([ens["top1"]] * n, top(single))
+    gain_kd = paired(top(res["CNN student of the ensemble"]), top(single))
+    nll_ens = paired([r["nll"] for r in single], [ens["nll"]] * n, 1)
+    nll_kd = paired([r["nll"] for r in single], [r["nll"] for r in res["CNN student of the ensemble"]], 1)
+    rng = np.random.RandomState(0)
+    ge, gk = np.asarray(gain_ens["diffs"]), np.asarray(gain_kd["diffs"])
+    boot = []
+    for _ in range(10000):
+        i = rng.randint(0, n, n)
+        if ge[i].mean() > 0:
+            boot.append(gk[i].mean() / ge[i].mean())
+    frac = {"pooled": float(gk.mean() / ge.mean()), "lo": float(np.percentile(boot, 5)),
+            "hi": float(np.percentile(boot, 95))}
+    mlp_cmp = {k: paired(top(res[k]), top(res["MLP from scratch"])) for k in ("MLP KD from CNN s",
+                                                                            "MLP KD from the ensemble")}
+    e.data.update({"single": single, "ensemble": ens, "students": res, "caches": facts, "ensemble_cache": ens_facts,
+                   "gain_ensemble": gain_ens, "gain_student": gain_kd, "nll_gain_ensemble": nll_ens,
+                   "nll_gain_student": nll_kd, "recovered": frac, "mlp": mlp_cmp,
+                   "config": {"cnn": CNN, "mlp": MLP, "kd": vars(KD), "members": n}})
+    rows = [[f"single CNN (labels; seeds 0–{n - 1})", pm(top(single)), pm((r["nll"] for r in single), 1, 3),
+             pm((r["ece"] for r in single), 1, 3), "—"],
+            [f"ensemble of the {n} CNNs (mean softmax)", f"{100 * ens['top1']:.1f}", f"{ens['nll']:.3f}",
+             f"{ens['ece']:.3f}", fmt_paired(gain_ens)]]
+    for k, v in res.items():
+        base = single if k.startswith("CNN") else res["MLP from scratch"]
+        rows.append([k, pm(top(v)), pm((r["nll"] for r in v), 1, 3), pm((r["ece"] for r in v), 1, 3),
+                     "—" if k == "MLP from scratch" else fmt_paired(paired(top(v), top(base)))])
+    e.table(f"digits-hard: ensemble → one model (test split, 1080 images; seeds 0–{n - 1}); paired column: vs the "
+            "single CNN of the same seed (CNN rows) or the MLP from scratch (MLP rows), mean [90 % t-interval] "
+            "(seeds better)",
+            md_table(["model", "top-1 %", "NLL", "ECE", "Δ top-1 (paired)"], rows, "lrrrl"))
+    e.table("digits-hard: how much of the ensemble's gain one distilled CNN recovers",
+            md_table(["", "top-1 gain over the single CNN, pts", "NLL reduction"],
+                     [["ensemble", fmt_paired(gain_ens), fmt_paired(nll_ens, 3, "")],
+                      ["distilled CNN", fmt_paired(gain_kd), fmt_paired(nll_kd, 3, "")],
+                      ["recovered (student gain / ensemble gain)",
+                       f"{100 * frac['pooled']:.0f} % [90 % bootstrap {100 * frac['lo']:.0f}, {100 * frac['hi']:.0f}]",
+                       f"{100 * nll_kd['mean'] / nll_ens['mean']:.0f} %"]], "lll"))
+    e.table("digits-hard: the caches of the train split",
+            md_table(["cache", "teacher top-1 % on the train images", "mean entropy (nats)"],
+                     [["one CNN (mean over seeds)", pm(f["teacher_top1"] for f in facts),
+                       pm((f["mean_entropy"] for f in facts), 1, 3)],
+                      [f"ensemble of {n}", f"{100 * ens_facts['teacher_top1']:.1f}",
+                       f"{ens_facts['mean_entropy']:.3f}"]]))
+    e.finish()
 
 
 if __name__ == "__main__":
