@@ -1,9 +1,9 @@
 """(issue 17a) FitNets hints from cached features vs logits-only KD vs online FitNets (teacher in memory).
 
 Teacher `cnn_s` (width 32, 95k parameters), trained once (seed 0) on the train split, is dumped once with its
-logits and a cached feature: `kdcache dump --features pool` (its global-average-pooled penultimate map, 128 floats
-per sample, float16).  The student is a thin `cnn_s` (width 8, 6k parameters: FitNets' "thin" student).  Per
-student seed:
+logits and two cached features: `--features pool` (its global-average-pooled penultimate map, 128 floats per
+sample) and `--features features.7:4x4` (its second block's output map, 64 × 4 × 4), float16.  The student is a
+thin `cnn_s` (width 8, 6k parameters: FitNets' "thin" student).  Per student seed:
 
 * **labels only**        -- the thin student from the labels (cross-entropy, no cache);
 * **KD (cache)**         -- logits-only Hinton KD from the cache (T, α below);
@@ -12,11 +12,15 @@ student seed:
 * **KD + hint (online)** -- the same objective with the teacher in memory: run_train's `Targets` hook runs the
   teacher on each batch's very input and returns its fp32 logits and its `pool` output pooled as a cache stores
   it (no cache, no copied training loop).  Same inputs, seed and objective: what differs from the cached run is
-  the cache's float16 rounding of logits and feature, and the wall time.
+  the cache's float16 rounding of logits and feature, and the wall time;
+* **KD + hint β=1 (cache)** -- the pooled hint at ten times the weight;
+* **KD + map hint β=1 (cache)** -- FitNets' guided layer: the student's `features.7` map (16 channels) through a
+  1×1 convolution onto the cached teacher map `features.7:4x4`.
 
-β = 0.1 was picked in a development run on student seed 0 (lowest test NLL of β ∈ {0.1, 1, 10} on
-digits-hard; larger β was worse).  Test metrics: top-1, ECE, NLL and KL(teacher ‖ student) at T = 1.  Paired
-per-seed differences with a two-sided 90 % t-interval (over student seeds, one teacher).
+β = 0.1 for the main hint arm was picked in a development run on student seed 0 (lowest test NLL of β ∈ {0.1, 1,
+10} on digits-hard); the β = 1 arms show what a stronger hint does.  Test metrics: top-1, ECE, NLL and
+KL(teacher ‖ student) at T = 1.  Paired per-seed differences with a two-sided 90 % t-interval (over student seeds,
+one teacher).
 
     .venv/bin/python -m experiments.hints --setting hard   # digits-hard, the harder embedded benchmark, 5 seeds
     .venv/bin/python -m experiments.hints                  # digits
@@ -40,7 +44,8 @@ from kdcache.train.losses import SoftTarget
 from kdcache.train.recipe import Targets
 
 T, ALPHA = 4.0, 0.5
-BETA = 0.1
+BETA = 0.1  # the main hint arm; BETA_STRONG for the strong-hint arms
+BETA_STRONG = 1.0
 TEACHER = dict(student="cnn_s", epochs=15)
 STUDENT = dict(student="cnn_s", student_args={"width": 8}, epochs=20)
 IMAGE_SIZE = {"digits": 16, "digits-hard": 24}  # digits-hard's native 24 px: no resampling
@@ -87,7 +92,8 @@ def main() -> None:
     data = {"digits": "digits", "hard": "digits-hard"}[e.setting]
     size = IMAGE_SIZE[data]
     teacher_cfg, student_cfg = TEACHER | {"image_size": size}, STUDENT | {"image_size": size}
-    conds = ["labels only", "KD (cache)", "KD + hint (cache)", "KD + hint (online)"]
+    conds = ["labels only", "KD (cache)", "KD + hint (cache)", "KD + hint (online)",
+             f"KD + hint β={BETA_STRONG:g} (cache)", f"KD + map hint β={BETA_STRONG:g} (cache)"]
     res: dict[str, list[dict]] = {c: [] for c in conds}
     beta = BETA
     load0 = os.getloadavg()[0]  # the machine is shared: record how busy it was
@@ -101,14 +107,17 @@ def main() -> None:
     tmodel, sz = e.load("teacher")
     tz, y = test_logits(tmodel, sz, data)
     teachers = [scores(tz, y)]
-    path = e.dump("teacher", "teacher", "cnn_s", dataset=data, image_size=size, seed=0, features=(VEC,))
+    path = e.dump("teacher", "teacher", "cnn_s", dataset=data, image_size=size, seed=0,
+                  features=(VEC, f"{MAP}:4x4"))
     with open_cache(path) as c:
         facts = [cache_facts(path) | {"features": c.attrs["features"]}]
     e.log(f"teacher: top-1 {100 * teachers[0]['top1']:.1f}; cache {facts[0]['bytes_per_sample']:.0f} B/sample")
     for s in e.seeds:
         runs = {"labels only": dict(objective=LABELS, dataset=data),
                 "KD (cache)": dict(caches=(path,), objective=KD),
-                "KD + hint (cache)": dict(caches=(path,), objective=KD, hint=VEC, hint_weight=beta)}
+                "KD + hint (cache)": dict(caches=(path,), objective=KD, hint=VEC, hint_weight=beta),
+                conds[4]: dict(caches=(path,), objective=KD, hint=VEC, hint_weight=BETA_STRONG),
+                conds[5]: dict(caches=(path,), objective=KD, hint=MAP, hint_student=MAP, hint_weight=BETA_STRONG)}
         for i, (c, kw) in enumerate(runs.items()):
             run = f"c{i}-{s}"
             res[c].append(evaluate(run, e.train(run, seed=s, **student_cfg, **kw)))
@@ -143,14 +152,16 @@ def main() -> None:
         return out
 
     pairs = [("KD (cache)", "labels only"), ("KD + hint (cache)", "KD (cache)"),
-             ("KD + hint (online)", "KD + hint (cache)"), ("KD + hint (cache)", "labels only")]
+             ("KD + hint (online)", "KD + hint (cache)"), ("KD + hint (cache)", "labels only"),
+             (conds[4], "KD (cache)"), (conds[5], "KD (cache)")]
     e.table("Paired differences by seed: mean [90 % t-interval] (seeds where the first is higher)",
             md_table(["comparison", "Δ top-1 points", "Δ NLL", "Δ KL to teacher"],
                      [diff_row(a, b) for a, b in pairs]))
     online_s = [x["teacher_seconds"] for x in res["KD + hint (online)"]]
     e.table("Cache and online cost",
             md_table(["item", "value"], [
-                ["cache on disk, B/sample (`kdcache info`: float16 logits + 128-d pooled feature + labels/views)",
+                ["cache on disk, B/sample (`kdcache info`: float16 logits, the 128-d pooled `pool` and the 64×4×4 "
+                 "`features.7` map, labels, views)",
                  f"{facts[0]['bytes_per_sample']:.0f}"],
                 ["teacher forward passes inside each online run, s (mean over seeds)", f"{np.mean(online_s):.1f}"],
                 ["load average (1 min) at start / end of the script", f"{load0:.1f} / {os.getloadavg()[0]:.1f}"]]))
