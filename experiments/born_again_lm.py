@@ -93,7 +93,7 @@ def kl(p_log: torch.Tensor, q_log: torch.Tensor) -> float:
 
 
 def main() -> None:
-    e = setup("born_again_lm", __doc__.splitlines()[0], default_seeds=3)
+    e = setup("born_again_lm", __doc__.splitlines()[0], default_seeds=5)
     gens = list(range(GENS + 1))
     names = [f"gen {g}" for g in gens]
     ens = {f"ensemble gens 0–{GENS}": gens, f"ensemble gens 1–{GENS}": gens[1:]}
