@@ -163,9 +163,10 @@ def _hard_seed(e, s: int, conds: dict) -> dict:
 def main_hard(e) -> None:
     """`--setting hard` (5 seeds by default): CivT co-advising on digits-hard (kdcache.data.hard).
 
-    Teachers (seed 0, labels, no augmentation, 24 px, 12 epochs, lr 3e-3): cnn_s (width 16) and rednet_s (involution); 1-view caches
-    of the train split.  Students vit_nano (patch 6 at 24 px, 10 epochs, lr 2e-3) with one distillation token per
-    teacher, CivT's Eq. 5 with λ0 = λi = 1, τ = 3 as in the digits setting.  Paired by seed, 90 % t-intervals."""
+    Teachers (seed 0, labels, no augmentation, 24 px, 12 epochs, lr 3e-3): cnn_s (width 16) and rednet_s
+    (involution); 1-view caches of the train split.  Students vit_nano (patch 6 at 24 px, 10 epochs, lr 2e-3) with
+    one distillation token per teacher, CivT's Eq. 5 with λ0 = λi = 1, τ = 3 as in the digits setting.  Paired by
+    seed, 90 % t-intervals."""
     from experiments.hard_common import CNN_FIT as CNN, fmt_paired, paired, run_seeds
 
     e.n_seeds = max(e.n_seeds, 5) if "--seeds" not in " ".join(e.argv) else e.n_seeds

@@ -178,10 +178,10 @@ def _hard_seed(e, s: int, conds: dict) -> dict:
 def main_hard(e) -> None:
     """`--setting hard` (5 seeds by default): DeiT's objectives on digits-hard (kdcache.data.hard).
 
-    Teacher cnn_s (width 16, 24 px, lr 3e-3, seed 0, labels + AUG, as DeiT's teacher), dumped over HARD_VIEWS stored views of AUG of
-    each train image: on such views its argmax differs from the label now and then, which is what separates hard
-    from soft distillation.  Students vit_nano (patch 6 at 24 px: 16 patches, 10 epochs, lr 2e-3) replay those
-    views; the no-teacher ViT trains under AUG.  Paired by seed, 90 % t-intervals."""
+    Teacher cnn_s (width 16, 24 px, lr 3e-3, seed 0, labels + AUG, as DeiT's teacher), dumped over HARD_VIEWS stored
+    views of AUG of each train image: on such views its argmax differs from the label now and then, which is what
+    separates hard from soft distillation.  Students vit_nano (patch 6 at 24 px: 16 patches, 10 epochs, lr 2e-3)
+    replay those views; the no-teacher ViT trains under AUG.  Paired by seed, 90 % t-intervals."""
     from experiments.hard_common import CNN_FIT as CNN, fmt_paired, paired, run_seeds
 
     e.n_seeds = max(e.n_seeds, 5) if "--seeds" not in " ".join(e.argv) else e.n_seeds

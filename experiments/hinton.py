@@ -216,12 +216,13 @@ def _hard_students(e, s: int, caches: list[str], ens_path: str) -> dict:
 def main_hard(e) -> None:
     """`--setting hard`: Hinton's ensemble → one model, on digits-hard (kdcache.data.hard).
 
-    N CNNs (cnn_s width 16, 24 px, 12 epochs, lr 3e-3, seeds 0..N-1) are trained from labels: they are the single models and the
-    ensemble's members.  Their 1-view caches of the train split are merged (`kdcache merge --mode mean-prob`) into
-    the ensemble's cache; one CNN of the same architecture per seed (training seed 100 + s) distils it (T = 4,
-    α = 0.1, fixed in experiments/hard_common.py).  Paired by seed s: single model s vs the ensemble vs the student
-    of seed s.  "Recovered" = (student − single) / (ensemble − single), pooled over seeds with a 90 % bootstrap
-    interval (resampling seeds).  Also the MLP: from scratch, KD from teacher s alone, KD from the ensemble."""
+    N CNNs (cnn_s width 16, 24 px, 12 epochs, lr 3e-3, seeds 0..N-1) are trained from labels: they are the single
+    models and the ensemble's members.  Their 1-view caches of the train split are merged (`kdcache merge --mode
+    mean-prob`) into the ensemble's cache; one CNN of the same architecture per seed (training seed 100 + s) distils
+    it (T = 4, α = 0.1, fixed in experiments/hard_common.py).  Paired by seed s: single model s vs the ensemble vs
+    the student of seed s.  "Recovered" = (student − single) / (ensemble − single), pooled over seeds with a 90 %
+    bootstrap interval (resampling seeds).  Also the MLP: from scratch, KD from teacher s alone, KD from the
+    ensemble."""
     from experiments.hard_common import CNN_FIT as CNN, KD, MLP, ensemble_scores, fmt_paired, paired, run_seeds
     from kdcache.ops.merge import merge
 
