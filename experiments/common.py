@@ -304,17 +304,13 @@ def savefig(fig, name: str) -> str:
     return os.path.relpath(path, ROOT)
 
 
-def nan_to_dash(x: float | None, fmt: str = "{:.3f}") -> str:
-    return "—" if x is None or (isinstance(x, float) and math.isnan(x)) else fmt.format(x)
-
-
 # --------------------------------------------------------------------------- evaluation
 
 
 def test_logits(model: torch.nn.Module, image_size: int, spec: str = "digits",
                 views: np.ndarray | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(logits, labels) of `model` on the test split, each sample under `views[i]` (identity if None)."""
-    from kdcache.data.views import Preprocess
+    from kdcache.data.render import Preprocess
     from kdcache.train.eval import predict
 
     ds = open_dataset(spec, "test")
@@ -333,7 +329,8 @@ def scores(logits: torch.Tensor, y: torch.Tensor) -> dict:
 def head_scores(model: torch.nn.Module, image_size: int, spec: str = "digits") -> dict:
     """Per-head test scores of a ViT/Mixer with distillation tokens: 'cls', 'dist1', … and 'mean' (of logits),
     the inference DeiT uses; a model without tokens gives just 'cls'."""
-    from kdcache.data.views import Preprocess, identity_views, render
+    from kdcache.data.render import Preprocess, render
+    from kdcache.data.views import identity_views
     from kdcache.models import has_distill_heads
 
     ds = open_dataset(spec, "test")
