@@ -326,20 +326,26 @@ def scores(logits: torch.Tensor, y: torch.Tensor) -> dict:
             "nll": float(torch.nn.functional.cross_entropy(logits, y))}
 
 
-def head_scores(model: torch.nn.Module, image_size: int, spec: str = "digits") -> dict:
-    """Per-head test scores of a ViT/Mixer with distillation tokens: 'cls', 'dist1', … and 'mean' (of logits),
-    the inference DeiT uses; a model without tokens gives just 'cls'."""
+def head_logits(model: torch.nn.Module, image_size: int, spec: str = "digits") -> tuple[torch.Tensor, torch.Tensor]:
+    """(heads (N, H, C), labels) on the test split: every head of a ViT/Mixer with distillation tokens (H = 1 for
+    other models)."""
     from kdcache.data.render import Preprocess, render
     from kdcache.data.views import identity_views
     from kdcache.models import has_distill_heads
 
     ds = open_dataset(spec, "test")
     images = torch.stack([ds[i][0] for i in range(len(ds))])
-    y = torch.from_numpy(ds.labels)
     x = render(images, torch.from_numpy(identity_views(len(ds))[:, 0]), Preprocess(image_size))
     model.eval()
     with torch.inference_mode():
         heads = model.forward_heads(x) if has_distill_heads(model) else model(x)[:, None]
+    return heads, torch.from_numpy(ds.labels)
+
+
+def head_scores(model: torch.nn.Module, image_size: int, spec: str = "digits") -> dict:
+    """Per-head test scores of a ViT/Mixer with distillation tokens: 'cls', 'dist1', … and 'mean' (of logits),
+    the inference DeiT uses; a model without tokens gives just 'cls'."""
+    heads, y = head_logits(model, image_size, spec)
     out = {"cls": scores(heads[:, 0], y)}
     for i in range(1, heads.shape[1]):
         out[f"dist{i}"] = scores(heads[:, i], y)

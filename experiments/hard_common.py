@@ -8,13 +8,13 @@ digits experiments' learning rates, epochs doubled for the larger canvas where a
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import numpy as np
 import torch
 
-from experiments.common import mean_std, scores
+from experiments.common import head_logits as common_head_logits
+from experiments.common import paired_t, scores, test_logits
 from kdcache.config import LossConfig
 
 DATA = "digits-hard"
@@ -27,15 +27,13 @@ CNN = dict(student="cnn_s", student_args={"width": 16}, image_size=SIZE, epochs=
 CNN_FIT = dict(CNN, lr=3e-3)
 MLP = dict(student="mlp", student_args={"hidden": (256, 256)}, image_size=SIZE, epochs=30, dataset=DATA)
 KD = LossConfig("kd", alpha=0.1, temperature=4.0)
-T90 = (6.314, 2.920, 2.353, 2.132, 2.015, 1.943, 1.895, 1.860, 1.833)  # t quantiles, 90 % two-sided, 1..9 df
 
 
 def paired(a: Sequence[float], b: Sequence[float], scale: float = 100.0) -> dict:
     """Per-seed a - b: mean, 90 % t-interval, seeds with a > b, all times `scale`."""
     d = scale * (np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64))
-    m, s = mean_std(d)
-    half = T90[len(d) - 2] * s / math.sqrt(len(d)) if 2 <= len(d) <= 10 else float("nan")
-    return {"mean": m, "lo": m - half, "hi": m + half, "wins": int((d > 0).sum()), "n": len(d), "diffs": d.tolist()}
+    m, lo, hi, wins = paired_t(d, np.zeros_like(d))
+    return {"mean": m, "lo": lo, "hi": hi, "wins": wins, "n": len(d), "diffs": d.tolist()}
 
 
 def fmt_paired(p: dict, digits: int = 1, unit: str = " pts") -> str:
@@ -49,28 +47,12 @@ def excludes_zero(p: dict) -> bool:
 
 def logits_on(model: torch.nn.Module, size: int, spec: str = DATA) -> tuple[torch.Tensor, torch.Tensor]:
     """(logits, labels) of `model` on `spec`'s test split (identity views)."""
-    from kdcache.data.datasets import open_dataset
-    from kdcache.data.render import Preprocess
-    from kdcache.train.eval import predict
-
-    ds = open_dataset(spec, "test")
-    return predict(model, ds, Preprocess(size), torch.device("cpu")), torch.from_numpy(ds.labels)
+    return test_logits(model, size, spec)
 
 
 def head_logits(model: torch.nn.Module, size: int, spec: str = DATA) -> tuple[torch.Tensor, torch.Tensor]:
-    """(heads (N, H, C), labels): every head of a ViT with distillation tokens (H = 1 for other models)."""
-    from kdcache.data.datasets import open_dataset
-    from kdcache.data.render import Preprocess
-    from kdcache.data.views import identity_views
-    from kdcache.models import has_distill_heads
-
-    ds = open_dataset(spec, "test")
-    images = torch.stack([ds[i][0] for i in range(len(ds))])
-    x = Preprocess(size)(images, torch.from_numpy(identity_views(len(ds))[:, 0]))
-    model.eval()
-    with torch.inference_mode():
-        heads = model.forward_heads(x) if has_distill_heads(model) else model(x)[:, None]
-    return heads, torch.from_numpy(ds.labels)
+    """experiments.common.head_logits on digits-hard by default."""
+    return common_head_logits(model, size, spec)
 
 
 def evaluate_variants(model: torch.nn.Module, size: int, teacher_logits: dict | None = None) -> tuple[dict, dict]:
