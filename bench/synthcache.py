@@ -118,8 +118,6 @@ def make_cache(path: str | Path, *, labels: np.ndarray, num_classes: int, k: int
     """
     from contextlib import ExitStack
 
-    import torch
-
     from kdcache.data.views import identity_views
     from kdcache.format.spec import Layout
     from kdcache.format.topk import to_topk
@@ -151,7 +149,7 @@ def make_cache(path: str | Path, *, labels: np.ndarray, num_classes: int, k: int
             for c in range(layout.n_chunks):
                 sl = layout.chunk_slice(c)
                 lab = labels[sl]
-                out = to_topk(gen(lab, c)[:, None], k, getattr(torch, value_dtype))
+                out = to_topk(gen(lab, c)[:, None], k, value_dtype)
                 arrays: dict[str, object] = {name: t.numpy() for name, t in out.items()}
                 arrays["labels"] = lab
                 arrays["views"] = identity_views(len(lab), 1)
