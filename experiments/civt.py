@@ -50,6 +50,18 @@ VIT = dict(student="vit_nano", student_args={"patch_size": 4}, image_size=16, ep
 TAU = 3.0
 
 
+def _teacher_conditions(cnn: str, inv: str) -> dict[str, dict]:
+    """The distilled ViTs: one token per teacher, loss λ0·CE + Σ λi·τi²·KLi with λ = 1 and τ = TAU."""
+    return {
+        "CNN teacher (1 token)": dict(caches=(cnn,), distill_tokens=True,
+                                      objective=Objective("kd", 1.0, TAU, (1.0,), (TAU,))),
+        "involution teacher (1 token)": dict(caches=(inv,), distill_tokens=True,
+                                             objective=Objective("kd", 1.0, TAU, (1.0,), (TAU,))),
+        "CNN + involution (2 tokens, CivT)": dict(caches=(cnn, inv), distill_tokens=True,
+                                                  objective=Objective("kd", 1.0, TAU, (1.0, 1.0), (TAU, TAU))),
+    }
+
+
 def _disagreement(a: str, b: str) -> float:
     """Fraction of stored (sample, view) pairs on which the two teachers' argmax differ."""
     with open_cache(a) as ca, open_cache(b) as cb:
@@ -72,15 +84,8 @@ def main() -> None:
     cnn = e.dump("cnn", "cnn", "cnn_s", image_size=16, **dump_kw)
     inv = e.dump("inv", "inv", "rednet_s", image_size=8, **dump_kw)
     facts = {"cnn_s": cache_facts(cnn), "rednet_s": cache_facts(inv), "disagreement": _disagreement(cnn, inv)}
-    conds = {
-        "no teacher (labels" + (" + aug)" if aug else ")"): dict(augment=aug) if aug else {},
-        "CNN teacher (1 token)": dict(caches=(cnn,), distill_tokens=True,
-                                      objective=Objective("kd", 1.0, TAU, (1.0,), (TAU,))),
-        "involution teacher (1 token)": dict(caches=(inv,), distill_tokens=True,
-                                             objective=Objective("kd", 1.0, TAU, (1.0,), (TAU,))),
-        "CNN + involution (2 tokens, CivT)": dict(caches=(cnn, inv), distill_tokens=True,
-                                                  objective=Objective("kd", 1.0, TAU, (1.0, 1.0), (TAU, TAU))),
-    }
+    conds = {"no teacher (labels" + (" + aug)" if aug else ")"): dict(augment=aug) if aug else {},
+             **_teacher_conditions(cnn, inv)}
     res: dict[str, list[dict]] = {k: [] for k in conds}
     for s in e.seeds:
         for i, (name, kw) in enumerate(conds.items()):
@@ -176,15 +181,7 @@ def main_hard(e) -> None:
     cnn = e.dump("cnn", "cnn", "cnn_s", image_size=24, dataset="digits-hard")
     inv = e.dump("inv", "inv", "rednet_s", image_size=24, dataset="digits-hard")
     facts = {"cnn_s": cache_facts(cnn), "rednet_s": cache_facts(inv), "disagreement": _disagreement(cnn, inv)}
-    conds = {
-        "no teacher (labels)": {},
-        "CNN teacher (1 token)": dict(caches=(cnn,), distill_tokens=True,
-                                      objective=Objective("kd", 1.0, TAU, (1.0,), (TAU,))),
-        "involution teacher (1 token)": dict(caches=(inv,), distill_tokens=True,
-                                             objective=Objective("kd", 1.0, TAU, (1.0,), (TAU,))),
-        "CNN + involution (2 tokens, CivT)": dict(caches=(cnn, inv), distill_tokens=True,
-                                                  objective=Objective("kd", 1.0, TAU, (1.0, 1.0), (TAU, TAU))),
-    }
+    conds = {"no teacher (labels)": {}, **_teacher_conditions(cnn, inv)}
     per_seed = run_seeds(_hard_seed, e, e.seeds, conds)
     res = {k: [out[k] for out in per_seed] for k in conds}
     names = list(conds)
