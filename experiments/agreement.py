@@ -27,7 +27,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from experiments.common import cache_facts, md_table, mean_std, paired_t, pm, savefig, setup
+from experiments.common import OnlineTeacher, cache_facts, md_table, mean_std, paired_t, pm, savefig, setup
 from kdcache.config import LossConfig
 from kdcache.data.agreement import AgreementDataset
 from kdcache.data.datasets import open_dataset
@@ -36,8 +36,6 @@ from kdcache.data.sources import ArrayDataset
 from kdcache.models import build_model, checkpoint_arch_args, load_weights, param_count
 from kdcache.train import metrics
 from kdcache.train.eval import predict
-from kdcache.train.losses import SoftTarget
-from kdcache.train.recipe import Targets
 
 LOW = "experiments.agreement:agreement_low"
 MAX_TRAIN_ATTRACTORS = 1
@@ -80,19 +78,10 @@ def agreement_low(split: str = "train", root: str | None = None):
     return _AgreementSubset(LOW, "train", np.flatnonzero(a <= MAX_TRAIN_ATTRACTORS))
 
 
-class HardTeacher(Targets):
-    """One-hot targets at the teacher's argmax, the teacher run on the very batch: with KD at T = 1, alpha = 0 the
-    loss is the cross-entropy against the teacher's hard labels."""
-
-    def __init__(self, model: torch.nn.Module) -> None:
-        super().__init__(1)
-        self.model = model.eval()
-
-    def __call__(self, batch, x: torch.Tensor) -> list[SoftTarget]:
-        with torch.no_grad():
-            z = self.model(x).float()
-        return [SoftTarget(logits=1e4 * torch.nn.functional.one_hot(z.argmax(1), z.shape[1]).float(),
-                           num_classes=z.shape[1])]
+def one_hot_argmax(z: torch.Tensor) -> torch.Tensor:
+    """Logits whose softmax is one-hot at z's argmax: with KD at T = 1, alpha = 0 the loss is the cross-entropy
+    against the teacher's hard labels."""
+    return 1e4 * torch.nn.functional.one_hot(z.argmax(1), z.shape[1]).float()
 
 
 # --------------------------------------------------------------------------- scoring
@@ -158,7 +147,7 @@ def main() -> None:
             e.train(f"{arm}-{s}", seed=s, **{"dataset": LOW, **kw}, **TRANSFORMER)
             res[arm].append(test_scores(e.checkpoint(f"{arm}-{s}"), "transformer_cls", teacher_pred)[0])
         teacher = load(e.checkpoint(f"lstm-{s}"), "lstm_cls", open_dataset("agreement", "train"))
-        e.train(f"hard_whole-{s}", seed=s, dataset="agreement", targets=HardTeacher(teacher), objective=KD,
+        e.train(f"hard_whole-{s}", seed=s, dataset="agreement", targets=OnlineTeacher(teacher, one_hot_argmax), objective=KD,
                 **TRANSFORMER)
         res["hard_whole"].append(test_scores(e.checkpoint(f"hard_whole-{s}"), "transformer_cls", teacher_pred)[0])
         e.log(f"seed {s}: top-1 at 2+ attractors " + ", ".join(

@@ -27,13 +27,11 @@ import shutil
 import numpy as np
 import torch
 
-from experiments.common import cache_facts, md_table, paired_t, pm, setup
+from experiments.common import OnlineTeacher, cache_facts, md_table, paired_t, pm, setup
 from kdcache.config import LossConfig
 from kdcache.data.datasets import open_dataset
 from kdcache.models import build_model, checkpoint_arch_args, load_weights, param_count
 from kdcache.train import metrics
-from kdcache.train.losses import SoftTarget
-from kdcache.train.recipe import Targets
 
 SEQ_LEN = 64
 EPOCHS = 3
@@ -42,19 +40,6 @@ TOPK = 32
 LM = dict(student="lstm_lm", student_args={"dim": 96}, dataset="pydoc", seq_len=SEQ_LEN, epochs=EPOCHS,
           batch_size=32, lr=3e-3)
 BAN = LossConfig("kd", alpha=0.0, temperature=1.0)
-
-
-class OnlineTeacher(Targets):
-    """Soft targets from a teacher run on the very batch (no cache): its full fp32 logits per position."""
-
-    def __init__(self, model: torch.nn.Module) -> None:
-        super().__init__(1)
-        self.model = model.eval()
-
-    def __call__(self, batch, x: torch.Tensor) -> list[SoftTarget]:
-        with torch.no_grad():
-            z = self.model(x).float()
-        return [SoftTarget(logits=z, num_classes=z.shape[-1])]
 
 
 def load_lm(ckpt: str, ds) -> torch.nn.Module:

@@ -23,7 +23,7 @@ import shutil
 import sys
 import time
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -36,7 +36,8 @@ from kdcache.ops.info import summary
 from kdcache.data.datasets import ArrayDataset, DatasetInfo, open_dataset
 from kdcache.models import build_model
 from kdcache.config import LossConfig, TrainConfig
-from kdcache.train.recipe import run_train
+from kdcache.train.losses import SoftTarget
+from kdcache.train.recipe import Targets, run_train
 from kdcache.train.objective import Objective
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -352,3 +353,17 @@ def head_scores(model: torch.nn.Module, image_size: int, spec: str = "digits") -
     if heads.shape[1] > 1:
         out["mean"] = scores(heads.mean(dim=1), y)
     return out
+
+
+class OnlineTeacher(Targets):
+    """Soft targets from a teacher run on the very input the student sees (no cache), through run_train's Targets
+    hook; `post` maps its fp32 logits (e.g. to float16 as a cache stores them, or to one-hot hard labels)."""
+
+    def __init__(self, model: torch.nn.Module, post: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
+        super().__init__(1)
+        self.model, self.post = model.eval(), post
+
+    def __call__(self, batch: object, x: torch.Tensor) -> list[SoftTarget]:
+        with torch.no_grad():
+            z = self.model(x).float()
+        return [SoftTarget(logits=z if self.post is None else self.post(z), num_classes=z.shape[-1])]

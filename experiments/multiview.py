@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from experiments.common import (
+    OnlineTeacher,
     cache_facts,
     md_table,
     mean_std,
@@ -55,6 +56,11 @@ VS = (1, 4, 16)
 SINGLE = "un-augmented 1-view cache"
 
 
+def fp16(z: torch.Tensor) -> torch.Tensor:
+    """Teacher logits rounded to float16, as a cache stores them."""
+    return z.half().float()
+
+
 class ViewZero(Targets):
     """The un-augmented cache's answer (its only view) whatever augmented view the student is shown."""
 
@@ -64,19 +70,6 @@ class ViewZero(Targets):
 
     def __call__(self, batch: Batch, x: torch.Tensor) -> list[SoftTarget]:
         return [to_target(self.cache.read(batch.indices, 0), self.cache.num_classes, x.device)]
-
-
-class Online(Targets):
-    """The teacher on the very input the student sees, rounded to float16 as a cache would store it."""
-
-    def __init__(self, teacher: torch.nn.Module) -> None:
-        super().__init__(1)
-        self.teacher = teacher.eval()
-
-    def __call__(self, batch: Batch, x: torch.Tensor) -> list[SoftTarget]:
-        with torch.no_grad():
-            z = self.teacher(x).float().half().float()
-        return [SoftTarget(logits=z, num_classes=z.shape[1])]
 
 
 def main() -> None:
@@ -108,7 +101,7 @@ def main() -> None:
         for v in VS:
             e.train(f"v{v}-{s}", seed=s, caches=(multi[v],), objective=KD, **STUDENT)
             res[f"augmented {v}-view cache"].append(score(e.load(f"v{v}-{s}")[0]))
-        e.train(f"online-{s}", seed=s, augment=AUG, objective=KD, targets=Online(teacher), **STUDENT)
+        e.train(f"online-{s}", seed=s, augment=AUG, objective=KD, targets=OnlineTeacher(teacher, fp16), **STUDENT)
         res["online KD"].append(score(e.load(f"online-{s}")[0]))
         e.log(f"seed {s}: " + ", ".join(f"{k} {100 * res[k][-1]['top1']:.1f}" for k in conds))
 
