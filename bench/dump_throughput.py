@@ -59,11 +59,12 @@ def bare_inference(cfg) -> tuple[int, float, float]:
     from kdcache.data.views import identity_views
     from kdcache.format.spec import Layout
     from kdcache.models import build_model, checkpoint_arch_args, load_weights
-    from kdcache.ops.dump import ChunkBatches
+    from kdcache.ops.dump import ChunkBatches, value_dtype
 
     ds = open_dataset(cfg.dataset, cfg.split)
     pre = model_input(ds.info, cfg.image_size)
-    layout = Layout.for_dataset(len(ds), len(ds), 1, ds.info.num_classes, cfg.topk, cfg.dtype, cfg.chunk_rows)
+    layout = Layout.for_dataset(len(ds), len(ds), 1, ds.info.num_classes, cfg.topk, value_dtype(cfg, ds),
+                                cfg.chunk_rows)
     teacher = build_model(cfg.teacher, num_classes=ds.info.num_classes, input_shape=pre.input_shape,
                           **checkpoint_arch_args(cfg.weights) | cfg.teacher_args)
     load_weights(teacher, cfg.weights, cfg.teacher)

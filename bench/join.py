@@ -59,7 +59,7 @@ def main() -> None:
     name, weights = random_teacher("cnn_s", 16, work)
     base = DumpConfig(teacher=name, weights=weights, dataset="bench.synthdata:synthetic", image_size=16,
                       progress=False, overwrite=True, chunk_rows=args.chunk_rows)
-    chunk = Layout.for_dataset(args.n, args.n, 1, 10, None, base.dtype, base.chunk_rows).chunk_rows  # as the dump
+    chunk = Layout.for_dataset(args.n, args.n, 1, 10, None, "float16", base.chunk_rows).chunk_rows  # as the dump (auto)
     step = -(-args.n // args.parts // chunk) * chunk  # cut at chunk multiples: the byte-identical case
     cuts = [(s, min(s + step, args.n)) for s in range(0, args.n, step)]
 

@@ -38,6 +38,8 @@ TABLES = {
                           "other CPU %"])],
     "views_ranks": [("views", None), ("ranks", None)],
     "join": [("steps", None), ("summary", None)],
+    "decode": [("ratio", None), ("workers", None)],
+    "tokens": [("bytes", None), ("reader", None), ("dump", None), ("targets", None)],
 }
 
 
