@@ -434,7 +434,7 @@ def main() -> None:
                  "references": {"Megatron-LM (issue: top-128 fp16 + 17-bit ids, before zstd)": MEGATRON_528,
                                 "DistillKit recommended (k=128)": DISTILLKIT, "DistillKit budget": DISTILLKIT_BUDGET}}
     n32, n128 = (int(x) for x in args.seqs.split(","))
-    rows, out["teachers"] = [], []
+    rows, out["teachers"], pool = [], [], None
     for V, n in ((32768, n32), (128256, n128)):
         if n and (V == 32768 or 1 in parts):
             r, teacher, p = bytes_part(wd, V, n, args.seed)
