@@ -103,6 +103,31 @@ def dataset_attrs(ds) -> dict:
             "base_shape": list(ds.info.sample_shape), "labelled": int((ds.labels >= 0).sum())}
 
 
+def write_chunks(output, layout, attrs: dict, labels: np.ndarray, chunk: Callable[[int], dict]) -> None:
+    """Write a complete cache through kdcache's own lifecycle (Output: prepare, stage, finalize; ChunkWriter):
+    `chunk(c)` gives chunk c's stored arrays, labels and identity views are added here."""
+    from contextlib import ExitStack
+
+    from kdcache.data.views import identity_views
+    from kdcache.io.writer import ChunkWriter, Rows
+
+    with ExitStack() as stack:
+        output.prepare(layout, attrs, stack, overwrite=True)
+        store = output.open()
+        writer = ChunkWriter(store, layout)
+        try:
+            for c in range(layout.n_chunks):
+                sl = layout.chunk_slice(c)
+                arrays = dict(chunk(c), labels=np.asarray(labels[sl], dtype=np.int64),
+                              views=identity_views(sl.stop - sl.start, 1))
+                writer.put(Rows(start=sl.start, arrays=arrays))
+        finally:
+            writer.close()
+        output.finalize(store)
+        store.close()
+    output.cleanup()
+
+
 def make_cache(path: str | Path, *, labels: np.ndarray, num_classes: int, k: int | None = None,
                value_dtype: str = "float16", compressor: str | None = None, chunk_rows: int | None = None,
                dataset: dict | None = None, image_size: int = 32, seed: int = 0,
@@ -116,13 +141,9 @@ def make_cache(path: str | Path, *, labels: np.ndarray, num_classes: int, k: int
     values) unless `chunk_rows` is given. Reuses an existing cache made with the same parameters (a
     `<path>.bench.json` marker). Returns {"path", "seconds", "reused", "bytes"}.
     """
-    from contextlib import ExitStack
-
-    from kdcache.data.views import identity_views
     from kdcache.format.spec import Layout
     from kdcache.format.topk import to_topk
     from kdcache.io.output import Output
-    from kdcache.io.writer import ChunkWriter, Rows
 
     path = str(path)
     labels = np.ascontiguousarray(labels, dtype=np.int64)
@@ -141,24 +162,12 @@ def make_cache(path: str | Path, *, labels: np.ndarray, num_classes: int, k: int
     gen = logits_fn or PrototypeTeacher(num_classes, seed)
     attrs = _attrs(layout, dataset=dataset, image_size=image_size, teacher="bench:prototype-teacher")
     t0 = time.perf_counter()
-    with ExitStack() as stack:
-        output.prepare(layout, attrs, stack, overwrite=True)
-        store = output.open()
-        writer = ChunkWriter(store, layout)
-        try:
-            for c in range(layout.n_chunks):
-                sl = layout.chunk_slice(c)
-                lab = labels[sl]
-                out = to_topk(gen(lab, c)[:, None], k, value_dtype)
-                arrays: dict[str, object] = {name: t.numpy() for name, t in out.items()}
-                arrays["labels"] = lab
-                arrays["views"] = identity_views(len(lab), 1)
-                writer.put(Rows(start=sl.start, arrays=arrays))
-        finally:
-            writer.close()
-        output.finalize(store)
-        store.close()
-    output.cleanup()
+
+    def chunk(c: int) -> dict[str, np.ndarray]:
+        lab = labels[layout.chunk_slice(c)]
+        return {name: t.numpy() for name, t in to_topk(gen(lab, c)[:, None], k, value_dtype).items()}
+
+    write_chunks(output, layout, attrs, labels, chunk)
     secs = time.perf_counter() - t0
     marker.write_text(json.dumps(key))
     if verbose:

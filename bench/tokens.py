@@ -34,7 +34,6 @@ import math
 import sys
 import time
 import zlib
-from contextlib import ExitStack
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -43,6 +42,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from bench import common  # noqa: E402
+from bench.synthcache import write_chunks  # noqa: E402
 
 L, KS, DTYPES = 128, (16, 64, 128), ("q8", "float16")
 MEGATRON_528, DISTILLKIT, DISTILLKIT_BUDGET = 128 * (2 + 17 / 8), 300.0, 114.0
@@ -149,11 +149,10 @@ def write_cache(path: Path, ds, k: int, dtype: str, chunk_arrays) -> float:
     to_topk arrays ((R, 1, L, ...) each). Returns seconds."""
     from kdcache.data.datasets import identity
     from kdcache.data.render import model_input
-    from kdcache.data.views import VIEW_FIELDS, AugmentSpec, identity_views
+    from kdcache.data.views import VIEW_FIELDS, AugmentSpec
     from kdcache.format.attrs import cache_attrs
     from kdcache.format.spec import Layout
     from kdcache.io.output import Output
-    from kdcache.io.writer import ChunkWriter, Rows
 
     info, aug, ident = ds.info, AugmentSpec(), identity(ds)
     lay = Layout.for_dataset(len(ds), len(ds), 1, info.num_classes, k, dtype, None, positions=L)
@@ -169,22 +168,8 @@ def write_cache(path: Path, ds, k: int, dtype: str, chunk_arrays) -> float:
               "batch_size": lay.chunk_rows, "chunk_rows": lay.chunk_rows, "views": 1, "augment": str(aug),
               "seed": 0, "rows": None, "seq_len": L},
         command=common.command_line())
-    output, t0 = Output(str(path), "write"), time.perf_counter()
-    with ExitStack() as stack:
-        output.prepare(lay, attrs, stack, overwrite=True)
-        store = output.open()
-        writer = ChunkWriter(store, lay)
-        try:
-            for c in range(lay.n_chunks):
-                sl = lay.chunk_slice(c)
-                arrays = dict(chunk_arrays(lay, c), labels=np.asarray(ds.labels[sl], dtype=np.int64),
-                              views=identity_views(sl.stop - sl.start, 1))
-                writer.put(Rows(start=sl.start, arrays=arrays))
-        finally:
-            writer.close()
-        output.finalize(store)
-        store.close()
-    output.cleanup()
+    t0 = time.perf_counter()
+    write_chunks(Output(str(path), "write"), lay, attrs, ds.labels, lambda c: chunk_arrays(lay, c))
     return time.perf_counter() - t0
 
 
