@@ -240,6 +240,7 @@ def test_loader_releases_each_window_once_read(topk_cache):
             windows_held.append(len(cache._lru))
         assert sum(seen) == N and cache.chunks_decoded == N_CHUNKS  # every chunk decoded once
         assert max(windows_held) <= 2 * 2  # the current and the next window of two chunks each
+        assert not cache._lru and cache._lru_used == 0  # and nothing is held between epochs
     with open_cache(topk_cache, lru_bytes=1 << 30) as cache:  # without the loader nothing is dropped
         for c in range(N_CHUNKS):
             cache.read([c * ROWS])
@@ -301,3 +302,24 @@ def test_lru_counts_a_chunk_decoded_by_two_threads_once(topk_cache, monkeypatch)
         assert cache.chunks_decoded >= 2 and cache._lru_used == held == _chunk_bytes(cache)
         cache.release([0])
         assert cache._lru_used == 0 and not cache._lru
+
+
+def test_training_window_holds_several_batches_within_a_byte_cap(topk_cache):
+    """kdtrain's sampler window spans at least MIX_BATCHES batches where chunks hold few rows (a full-logit token
+    cache), but never more decoded bytes than WINDOW_BYTES for a streamed cache; a cache in memory is not capped."""
+    from kdcache.train import batches
+    from kdcache.train.batches import mixing_window
+
+    with open_cache(topk_cache) as cache:
+        per_chunk = cache.decoded_bytes() // N_CHUNKS
+        assert mixing_window([], 64) == 4
+        assert mixing_window([cache], 10) == 4  # 8 batches of 10 fit in 4 chunks of ROWS
+        assert mixing_window([cache], 64) == -(-8 * 64 // ROWS)
+        old = batches.WINDOW_BYTES
+        try:
+            batches.WINDOW_BYTES = 5 * per_chunk
+            assert mixing_window([cache], 256) == 5  # capped by bytes
+            cache.load()
+            assert mixing_window([cache], 256) == -(-8 * 256 // ROWS)  # held in memory: no cap
+        finally:
+            batches.WINDOW_BYTES = old

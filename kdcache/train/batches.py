@@ -16,6 +16,25 @@ from kdcache.io.sampler import ChunkAwareSampler
 from kdcache.train.losses import SoftTarget
 
 
+MIX_BATCHES = 8  # a sampler window holds at least this many batches of samples ...
+WINDOW_BYTES = 64 << 20  # ... as long as one window of a streamed cache decodes to at most this many bytes
+
+
+def mixing_window(caches: list[Cache], batch_size: int, window: int = 4) -> int:
+    """Chunks per sampler window for training: at least `window`, and enough for MIX_BATCHES batches, so that a batch
+    mixes samples from many chunks even where a chunk holds few rows (full-logit token caches: 32 sequences is
+    8 KB of contiguous text) — within WINDOW_BYTES of decoded chunks for a streamed cache (one held in memory
+    costs nothing to window)."""
+    if not caches:
+        return window
+    chunk_rows = max(c.layout.chunk_rows for c in caches)
+    want = -(-MIX_BATCHES * batch_size // chunk_rows)
+    streamed = [c.layout.decoded_bytes() // max(c.layout.n_chunks * c.layout.n_views, 1)
+                for c in caches if not c.in_memory]
+    cap = WINDOW_BYTES // max(max(streamed), 1) if streamed else want
+    return max(window, min(want, cap))
+
+
 @dataclass
 class Batch:
     """Samples (base images or tensors, on device), labels, dataset indices, the views to render (images), and
@@ -112,6 +131,8 @@ class PairedLoader:
                         views=views.to(self.device, non_blocking=nb),
                         targets=[to_target(b, c.num_classes, self.device, self.samples, c.sample_temperature)
                                  for b, c in zip(cb, self.caches)])
+        for cache, cache_last in zip(self.caches, last):  # the epoch is done: hold nothing until the next one
+            cache.release([c for c, w in cache_last.items() if w >= released], view)
 
     def _rows(self, sampler_chunks: np.ndarray) -> int:
         r = self.sampler.chunk_rows

@@ -33,7 +33,7 @@ from kdcache.models import HeadsView, build_model, model_preprocess, param_count
 from kdcache.models.taps import tap
 from kdcache.progress import progress, say
 from kdcache.train.align import check_alignment
-from kdcache.train.batches import Batch, PairedLoader
+from kdcache.train.batches import Batch, PairedLoader, mixing_window
 from kdcache.train.eval import evaluate
 from kdcache.train.losses import SoftTarget
 from kdcache.train.hints import HintLoss, probe_shape, student_layer
@@ -281,8 +281,8 @@ def _run(cfg: TrainConfig, d: Dist, device: torch.device, targets: Targets | Non
         _check_soft_labels(cfg, caches)
         hint = _build_hint(cfg, model, caches, targets, train_ds, pre, device, stack)
         loader = PairedLoader(train_ds, caches, cfg.batch_size, cfg.seed, cfg.num_workers, device,
-                              augment=_augment(cfg, train_ds, caches), rank=d.rank, world_size=d.world_size,
-                              soft_labels=cfg.loss.soft_labels)
+                              augment=_augment(cfg, train_ds, caches), window=mixing_window(caches, cfg.batch_size),
+                              rank=d.rank, world_size=d.world_size, soft_labels=cfg.loss.soft_labels)
         trained = torch.nn.ModuleList([model, *([hint] if hint is not None else [])])
         opt, sched = build_optimizer(cfg, trained, cfg.epochs * len(loader))
         scaler = torch.amp.GradScaler(enabled=amp_dtype(device) == torch.float16)
