@@ -36,7 +36,7 @@ from experiments.common import (
     setup,
 )
 from kdcache.io import open_cache
-from kdcache.config import LossConfig as Objective  # the LossConfig that Exp.train resolves (was Objective)
+from kdcache.config import LossConfig as Objective
 
 AUG = "translate(0.1)+rrc(0.7,1)"
 VIEWS = 8
@@ -138,22 +138,27 @@ def _plot(res: dict, name: str) -> None:
     savefig(fig, f"{name}.png")
 
 
-HARD_VIT = dict(student="vit_nano", student_args={"patch_size": 6}, image_size=24, epochs=10, lr=2e-3,
-                dataset="digits-hard")
-HARD_INV = dict(student="rednet_s", image_size=24, epochs=12, lr=3e-3, dataset="digits-hard")
+HARD_INV = dict(student="rednet_s", image_size=16, epochs=12, lr=3e-3, dataset="digits-hard")
 
 
-def _hard_teacher(e, i: int, cnn: dict) -> dict:
-    """Teacher i of `--setting hard` (0: cnn_s, 1: rednet_s), seed 0; its final metrics."""
-    return e.train("cnn", seed=0, **cnn)["final"] if i == 0 else e.train("inv", seed=0, **HARD_INV)["final"]
+def _hard_teacher(e, i: int, cnn: dict) -> tuple[dict, str]:
+    """Teacher i of `--setting hard` (0: cnn_s, 1: rednet_s), seed 0, trained under AUG and dumped over VIEWS views
+    of it (seed 0 for both, so the two caches hold the same crops): (final metrics, cache path)."""
+    from experiments.hard_common import AUG, VIEWS
+
+    name, cfg = ("cnn", cnn) if i == 0 else ("inv", HARD_INV)
+    final = e.train(name, seed=0, augment=AUG, **cfg)["final"]
+    cache = e.dump(name, name, cfg["student"], image_size=cfg["image_size"], dataset=cfg["dataset"], views=VIEWS,
+                   augment=AUG, seed=0)
+    return final, cache
 
 
 def _hard_seed(e, s: int, conds: dict) -> dict:
-    from experiments.hard_common import head_logits
+    from experiments.hard_common import VIT, head_logits
 
     out = {}
     for i, (name, kw) in enumerate(conds.items()):
-        e.train(f"c{i}-{s}", seed=s, **HARD_VIT, **kw)
+        e.train(f"c{i}-{s}", seed=s, **VIT, **kw)
         heads, y = head_logits(*e.load(f"c{i}-{s}"))
         r = {"cls": scores(heads[:, 0], y)}
         for j in range(1, heads.shape[1]):
@@ -168,20 +173,19 @@ def _hard_seed(e, s: int, conds: dict) -> dict:
 def main_hard(e) -> None:
     """`--setting hard` (5 seeds by default): CivT co-advising on digits-hard (kdcache.data.hard).
 
-    Teachers (seed 0, labels, no augmentation, 24 px, 12 epochs, lr 3e-3): cnn_s (width 16) and rednet_s
-    (involution); 1-view caches of the train split.  Students vit_nano (patch 6 at 24 px, 10 epochs, lr 2e-3) with
-    one distillation token per teacher, CivT's Eq. 5 with λ0 = λi = 1, τ = 3 as in the digits setting.  Paired by
-    seed, 90 % t-intervals."""
-    from experiments.hard_common import CNN_FIT as CNN, fmt_paired, paired, run_seeds
+    Teachers (seed 0, labels + AUG, lr 3e-3): cnn_s (hard_common.CNN_AUG: width 16, 24 px, 36 epochs) and rednet_s
+    (involution, HARD_INV), each dumped over the same VIEWS stored views of AUG.  Students vit_nano (hard_common.VIT: patch 4 at
+    16 px, 20 epochs, lr 1e-3) replay those views, with one distillation token per teacher and CivT's Eq. 5 with
+    λ0 = λi = 1, τ = 3 as in the digits setting; the no-teacher ViT trains under AUG.  Paired by seed, 90 %
+    t-intervals."""
+    from experiments.hard_common import AUG, CNN_AUG as CNN, VIEWS, VIT, fmt_paired, paired, run_seeds
 
     e.n_seeds = max(e.n_seeds, 5) if "--seeds" not in " ".join(e.argv) else e.n_seeds
-    cnn_r, inv_r = run_seeds(_hard_teacher, e, [0, 1], CNN)
+    (cnn_r, cnn), (inv_r, inv) = run_seeds(_hard_teacher, e, [0, 1], CNN)
     teachers = {"cnn_s": cnn_r, "rednet_s": inv_r}
     e.log("teachers: " + ", ".join(f"{k} {100 * v['test_top1']:.1f}" for k, v in teachers.items()))
-    cnn = e.dump("cnn", "cnn", "cnn_s", image_size=24, dataset="digits-hard")
-    inv = e.dump("inv", "inv", "rednet_s", image_size=24, dataset="digits-hard")
     facts = {"cnn_s": cache_facts(cnn), "rednet_s": cache_facts(inv), "disagreement": _disagreement(cnn, inv)}
-    conds = {"no teacher (labels)": {}, **_teacher_conditions(cnn, inv)}
+    conds = {"no teacher (labels + aug)": dict(augment=AUG), **_teacher_conditions(cnn, inv)}
     per_seed = run_seeds(_hard_seed, e, e.seeds, conds)
     res = {k: [out[k] for out in per_seed] for k in conds}
     names = list(conds)
@@ -193,7 +197,8 @@ def main_hard(e) -> None:
             cmp[f"CivT − {other.split(' (')[0]} ({'class head' if h == 'cls' else 'mean of heads'})"] = \
                 paired(top(names[3], h), top(other, oh))
     e.data.update({"teachers": teachers, "caches": facts, "students": res, "paired": cmp,
-                   "config": {"setting": "hard", "cnn": CNN, "inv": HARD_INV, "vit": HARD_VIT, "tau": TAU}})
+                   "config": {"setting": "hard", "augment": AUG, "views": VIEWS, "cnn": CNN, "inv": HARD_INV,
+                              "vit": VIT, "tau": TAU}})
 
     def cell(name: str, head: str, metric: str = "top1", scale: float = 100, digits: int = 1) -> str:
         vals = [r[head][metric] for r in res[name] if head in r]
@@ -201,12 +206,13 @@ def main_hard(e) -> None:
 
     trows = [[k, f"{100 * v['test_top1']:.1f}", f"{100 * facts[k]['teacher_top1']:.1f}",
               f"{facts[k]['mean_entropy']:.3f}"] for k, v in teachers.items()]
-    e.table(f"digits-hard teachers (seed 0), 1-view caches of the train split; their argmax differ on "
-            f"{100 * facts['disagreement']:.1f} % of the train images",
-            md_table(["teacher", "test top-1 %", "top-1 % on its train images", "mean entropy (nats)"], trows))
+    e.table(f"digits-hard teachers (seed 0, trained under `{AUG}`), caches of {VIEWS} stored views of it per train "
+            f"image; their argmax differ on {100 * facts['disagreement']:.1f} % of the stored views",
+            md_table(["teacher", "test top-1 %", "top-1 % on its stored train views", "mean entropy (nats)"], trows))
     rows = [[n, cell(n, "cls"), cell(n, "mean"), cell(n, "dist1"), cell(n, "dist2"), cell(n, "cls", "nll", 1, 3)]
             for n in conds]
-    e.table(f"digits-hard: vit_nano (patch 6, 24 px) students, {HARD_VIT['epochs']} epochs: test top-1 % (1080 "
+    e.table(f"digits-hard: vit_nano (patch {VIT['student_args']['patch_size']}, {VIT['image_size']} px) students, "
+            f"{VIT['epochs']} epochs: test top-1 % (1080 "
             f"images; seeds 0–{len(e.seeds) - 1})",
             md_table(["teachers", "class head", "mean of heads", "token 1 head", "token 2 head", "class-head NLL"],
                      rows))

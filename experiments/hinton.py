@@ -33,7 +33,7 @@ from experiments.common import (
     test_logits,
 )
 from kdcache.config import LossConfig as Objective
-from kdcache.data.datasets import open_dataset  # the LossConfig that Exp.train resolves (was Objective)
+from kdcache.data.datasets import open_dataset
 
 TEACHER = dict(student="cnn_s", image_size=16, epochs=10)
 STUDENT = dict(student="mlp", student_args={"hidden": (256, 256)}, image_size=16, epochs=20)
@@ -44,8 +44,8 @@ NO3_ALPHA = 0.1
 
 
 def main() -> None:
-    e = setup("hinton", __doc__.splitlines()[0], default_seeds=5, settings=["digits", "hard"])
-    if e.setting == "hard":
+    e = setup("hinton", __doc__.splitlines()[0], default_seeds=5, settings=["digits", "hard", "hard-1view"])
+    if e.setting.startswith("hard"):
         return main_hard(e)
     seeds = [s + 1 for s in e.seeds]  # confirmatory seeds; seed 0 is the grid's
     half_a, half_b, no3 = ("experiments.common:digits_a", "experiments.common:digits_b",
@@ -185,25 +185,37 @@ def _plot(grids: dict, no3_res: dict) -> None:
     savefig(fig, "hinton.png")
 
 
-def _hard_member(e, s: int) -> tuple:
-    """CNN s of `--setting hard` from labels: (test scores, test logits, its train cache, cache facts)."""
-    from experiments.hard_common import CNN_FIT as CNN, logits_on
+def _hard_cnn(views: int) -> dict:
+    """The CNN of the hard settings: trained under augmentation to convergence, or without for 12 epochs."""
+    from experiments.hard_common import CNN_AUG, CNN_FIT
 
-    e.train(f"cnn-{s}", seed=s, **CNN)
+    return CNN_AUG if views > 1 else CNN_FIT
+
+
+def _hard_member(e, s: int, views: int) -> tuple:
+    """CNN s of the hard settings: (test scores, test logits, its train cache, cache facts)."""
+    from experiments.hard_common import AUG, logits_on
+
+    aug = dict(augment=AUG) if views > 1 else {}
+    CNN = _hard_cnn(views)
+    e.train(f"cnn-{s}", seed=s, **aug, **CNN)
     model, size = e.load(f"cnn-{s}")
     lg, y = logits_on(model, size)
-    cache = e.dump(f"cnn-{s}", f"cnn-{s}", "cnn_s", image_size=size, dataset=CNN["dataset"])
+    # every member is dumped over the same views (one seed), so their caches merge view by view
+    cache = e.dump(f"cnn-{s}", f"cnn-{s}", "cnn_s", image_size=size, dataset=CNN["dataset"],
+                   **(dict(views=views, seed=0) | aug if views > 1 else {}))
     e.log(f"cnn {s}: {100 * scores(lg, y)['top1']:.1f}")
     return scores(lg, y), lg, cache, cache_facts(cache)
 
 
-def _hard_students(e, s: int, caches: list[str], ens_path: str) -> dict:
-    from experiments.hard_common import CNN_FIT as CNN, KD, MLP, logits_on
+def _hard_students(e, s: int, caches: list[str], ens_path: str, views: int) -> dict:
+    from experiments.hard_common import AUG, KD, MLP, logits_on
 
+    CNN = _hard_cnn(views)
     out = {}
     e.train(f"cnn-kd-{s}", seed=100 + s, caches=(ens_path,), objective=KD, **CNN)
     out["CNN student of the ensemble"] = scores(*logits_on(*e.load(f"cnn-kd-{s}")))
-    e.train(f"mlp-{s}", seed=s, **MLP)
+    e.train(f"mlp-{s}", seed=s, **(dict(augment=AUG) if views > 1 else {}), **MLP)
     out["MLP from scratch"] = scores(*logits_on(*e.load(f"mlp-{s}")))
     e.train(f"mlp-kd1-{s}", seed=s, caches=(caches[s],), objective=KD, **MLP)
     out["MLP KD from CNN s"] = scores(*logits_on(*e.load(f"mlp-kd1-{s}")))
@@ -214,19 +226,23 @@ def _hard_students(e, s: int, caches: list[str], ens_path: str) -> dict:
 
 
 def main_hard(e) -> None:
-    """`--setting hard`: Hinton's ensemble → one model, on digits-hard (kdcache.data.hard).
+    """The hard settings: Hinton's ensemble → one model, on digits-hard (kdcache.data.hard).
 
-    N CNNs (cnn_s width 16, 24 px, 12 epochs, lr 3e-3, seeds 0..N-1) are trained from labels: they are the single
-    models and the ensemble's members.  Their 1-view caches of the train split are merged (`kdcache merge --mode
-    mean-prob`) into the ensemble's cache; one CNN of the same architecture per seed (training seed 100 + s) distils
-    it (T = 4, α = 0.1, fixed in experiments/hard_common.py).  Paired by seed s: single model s vs the ensemble vs
-    the student of seed s.  "Recovered" = (student − single) / (ensemble − single), pooled over seeds with a 90 %
-    bootstrap interval (resampling seeds).  Also the MLP: from scratch, KD from teacher s alone, KD from the
-    ensemble."""
-    from experiments.hard_common import CNN_FIT as CNN, KD, MLP, ensemble_scores, fmt_paired, paired, run_seeds
+    N CNNs (cnn_s width 16, 24 px, lr 3e-3, seeds 0..N-1) are trained from labels: they are the single models and
+    the ensemble's members.  `--setting hard`: every model trains under AUG (CNNs 36 epochs) and each member is
+    dumped over the same VIEWS stored views of AUG of the train split, which the students replay; `--setting
+    hard-1view`: no augmentation, CNNs 12 epochs, 1-view caches of the train images.  The members' caches are merged (`kdcache merge --mode
+    mean-prob`) into the ensemble's cache; one CNN of the same architecture, budget and views per seed (training
+    seed 100 + s) distils it (T = 4, α = 0.1, fixed in experiments/hard_common.py).  Paired by seed s: single model s
+    vs the ensemble vs the student of seed s.  "Recovered" = (student − single) / (ensemble − single), pooled over
+    seeds with a 90 % bootstrap interval (resampling seeds).  Also the MLP: from scratch, KD from teacher s alone,
+    KD from the ensemble."""
+    from experiments.hard_common import AUG, KD, MLP, VIEWS, ensemble_scores, fmt_paired, paired, run_seeds
     from kdcache.ops.merge import merge
 
-    first = run_seeds(_hard_member, e, e.seeds)
+    views = 1 if e.setting == "hard-1view" else VIEWS
+    CNN = _hard_cnn(views)
+    first = run_seeds(_hard_member, e, e.seeds, views)
     single = [r for r, _, _, _ in first]
     logits = [lg for _, lg, _, _ in first]
     caches = [c for _, _, c, _ in first]
@@ -237,7 +253,7 @@ def main_hard(e) -> None:
     ens_facts = cache_facts(ens_path)
     ens = ensemble_scores(logits, y)
     e.log(f"ensemble {100 * ens['top1']:.1f}")
-    per_seed = run_seeds(_hard_students, e, e.seeds, caches, ens_path)
+    per_seed = run_seeds(_hard_students, e, e.seeds, caches, ens_path, views)
     res = {k: [out[k] for out in per_seed] for k in per_seed[0]}
 
     top = lambda rs: [r["top1"] for r in rs]  # noqa: E731
@@ -260,7 +276,8 @@ def main_hard(e) -> None:
     e.data.update({"single": single, "ensemble": ens, "students": res, "caches": facts, "ensemble_cache": ens_facts,
                    "gain_ensemble": gain_ens, "gain_student": gain_kd, "nll_gain_ensemble": nll_ens,
                    "nll_gain_student": nll_kd, "recovered": frac, "mlp": mlp_cmp,
-                   "config": {"cnn": CNN, "mlp": MLP, "kd": vars(KD), "members": n}})
+                   "config": {"cnn": CNN, "mlp": MLP, "kd": vars(KD), "members": n, "views": views,
+                              "augment": AUG if views > 1 else None}})
     rows = [[f"single CNN (labels; seeds 0–{n - 1})", pm(top(single)), pm((r["nll"] for r in single), 1, 3),
              pm((r["ece"] for r in single), 1, 3), "—"],
             [f"ensemble of the {n} CNNs (mean softmax)", f"{100 * ens['top1']:.1f}", f"{ens['nll']:.3f}",
@@ -269,9 +286,11 @@ def main_hard(e) -> None:
         base = single if k.startswith("CNN") else res["MLP from scratch"]
         rows.append([k, pm(top(v)), pm((r["nll"] for r in v), 1, 3), pm((r["ece"] for r in v), 1, 3),
                      "—" if k == "MLP from scratch" else fmt_paired(paired(top(v), top(base)))])
-    e.table(f"digits-hard: ensemble → one model (test split, 1080 images; seeds 0–{n - 1}); paired column: vs the "
-            "single CNN of the same seed (CNN rows) or the MLP from scratch (MLP rows), mean [90 % t-interval] "
-            "(seeds better)",
+    where = (f"every model trained under `{AUG}`, caches of {views} stored views of it per train image" if views > 1
+             else "no augmentation, 1-view caches of the train images")
+    e.table(f"digits-hard, {where}: ensemble → one model (test split, 1080 images; seeds 0–{n - 1}); paired "
+            "column: vs the single CNN of the same seed (CNN rows) or the MLP from scratch (MLP rows), mean [90 % "
+            "t-interval] (seeds better)",
             md_table(["model", "top-1 %", "NLL", "ECE", "Δ top-1 (paired)"], rows, "lrrrl"))
     e.table("digits-hard: how much of the ensemble's gain one distilled CNN recovers",
             md_table(["", "top-1 gain over the single CNN, pts", "NLL reduction"],
@@ -281,7 +300,7 @@ def main_hard(e) -> None:
                        f"{100 * frac['pooled']:.0f} % [90 % bootstrap {100 * frac['lo']:.0f}, {100 * frac['hi']:.0f}]",
                        f"{100 * nll_kd['mean'] / nll_ens['mean']:.0f} %"]], "lll"))
     e.table("digits-hard: the caches of the train split",
-            md_table(["cache", "teacher top-1 % on the train images", "mean entropy (nats)"],
+            md_table(["cache", "teacher top-1 % on the stored train views", "mean entropy (nats)"],
                      [["one CNN (mean over seeds)", pm(f["teacher_top1"] for f in facts),
                        pm((f["mean_entropy"] for f in facts), 1, 3)],
                       [f"ensemble of {n}", f"{100 * ens_facts['teacher_top1']:.1f}",

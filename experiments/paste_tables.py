@@ -23,7 +23,7 @@ DOC = os.path.join(ROOT, "docs", "EXPERIMENTS.md")
 def main() -> int:
     with open(DOC) as f:
         doc = f.read()
-    pattern = re.compile(r"(<!-- BEGIN results/(\w+)\.md -->\n)(.*?)(<!-- END results/\2\.md -->)", re.DOTALL)
+    pattern = re.compile(r"(<!-- BEGIN results/([\w-]+)\.md -->\n)(.*?)(<!-- END results/\2\.md -->)", re.DOTALL)
     missing = []
 
     def sub(m: re.Match) -> str:
