@@ -34,7 +34,7 @@ from experiments.common import (
     setup,
     test_logits,
 )
-from kdcache.config import LossConfig as Objective  # the LossConfig that Exp.train resolves (was Objective)
+from kdcache.config import LossConfig as Objective
 
 AUG = "translate(0.15)+rrc(0.5,1)"
 VIEWS = 8
@@ -44,8 +44,8 @@ GENS = 3
 
 
 def main() -> None:
-    e = setup("born_again", __doc__.splitlines()[0], default_seeds=5, settings=["digits", "hard"])
-    if e.setting == "hard":
+    e = setup("born_again", __doc__.splitlines()[0], default_seeds=5, settings=["digits", "hard", "hard-1view"])
+    if e.setting.startswith("hard"):
         return main_hard(e)
     names = ["gen 0 (labels + aug)", *[f"gen {g} (BAN, KD from gen {g - 1})" for g in range(1, GENS + 1)],
              f"BAN ensemble (gens 1–{GENS})", "CWTM from gen 0", "DKPP from gen 0"]
@@ -117,23 +117,26 @@ def _plot(res: dict, names: list[str]) -> None:
     savefig(fig, "born_again.png")
 
 
-def _hard_seed(e, s: int) -> tuple[dict, dict]:
-    """One seed of `--setting hard`: gen 0..GENS, the BAN ensemble, CWTM and DKPP; (scores by row, cache facts)."""
-    from experiments.hard_common import CNN_FIT as CNN, ensemble_scores, logits_on
+def _hard_seed(e, s: int, n_views: int) -> tuple[dict, dict]:
+    """One seed of a hard setting: gen 0..GENS, the BAN ensemble, CWTM and DKPP; (scores by row, cache facts)."""
+    from experiments.hard_common import AUG, cnn_for, ensemble_scores, logits_on
 
     names = _hard_names()
     out: dict[str, dict] = {}
-    e.train(f"gen0-{s}", seed=s, **CNN)
+    CNN = cnn_for(n_views)
+    aug = dict(augment=AUG) if n_views > 1 else {}
+    views = dict(views=n_views, seed=s, **aug) if n_views > 1 else {}
+    e.train(f"gen0-{s}", seed=s, **aug, **CNN)
     lg, y = logits_on(*e.load(f"gen0-{s}"))
     logits = [lg]
-    cache = e.dump(f"gen0-{s}", f"gen0-{s}", "cnn_s", image_size=CNN["image_size"], dataset=CNN["dataset"])
+    cache = e.dump(f"gen0-{s}", f"gen0-{s}", "cnn_s", image_size=CNN["image_size"], dataset=CNN["dataset"], **views)
     gen0_cache, f = cache, {"gen 0": cache_facts(cache)}
     for g in range(1, GENS + 1):
         e.train(f"gen{g}-{s}", seed=100 * g + s, caches=(cache,), objective=BAN, **CNN)
         logits.append(logits_on(*e.load(f"gen{g}-{s}"))[0])
         if g < GENS:
             cache = e.dump(f"gen{g}-{s}", f"gen{g}-{s}", "cnn_s", image_size=CNN["image_size"],
-                           dataset=CNN["dataset"])
+                           dataset=CNN["dataset"], **views)
             f[f"gen {g}"] = cache_facts(cache)
     for g, lg in enumerate(logits):
         out[names[g]] = scores(lg, y)
@@ -151,41 +154,42 @@ def _hard_names() -> list[str]:
 
 
 def main_hard(e) -> None:
-    """`--setting hard`: born-again CNNs on digits-hard (kdcache.data.hard), no augmentation, 1-view caches.
+    """The hard settings: born-again CNNs on digits-hard (kdcache.data.hard).
 
-    Every generation is cnn_s (width 16, 24 px, 12 epochs, lr 3e-3).  Gen 0 learns from labels; gen k distils
-    gen k-1's cache of the train split with BAN's objective (the teacher's distribution alone, T = 1, α = 0); CWTM
-    and DKPP distil gen 0's cache.  The BAN ensemble averages the softmax of gens 1-3.  Generation g of seed s
-    trains with seed 100 g + s; CWTM/DKPP with 100 + s.  Paired by seed against gen 0, 90 % t-intervals.  Seeds
-    run in KD_JOBS parallel processes (default 3; each with --threads torch threads): results do not depend on it."""
-    import multiprocessing
-    import os
-
-    from experiments.hard_common import CNN_FIT as CNN, fmt_paired, paired
+    `--setting hard`: every generation is cnn_s (width 16, 24 px, 36 epochs, lr 3e-3: hard_common.CNN_AUG).  Gen 0
+    learns from labels under AUG; gen k replays gen k-1's cache of VIEWS stored views of AUG of the train split
+    (seed s) with BAN's objective (the teacher's distribution alone, T = 1, α = 0); CWTM and DKPP distil gen 0's
+    cache.  `--setting hard-1view`: no augmentation, 12 epochs (CNN_FIT), 1-view caches of the train images.  The
+    BAN ensemble averages the softmax of gens 1-3.  Generation g of seed s trains with seed 100 g + s; CWTM/DKPP
+    with 100 + s.  Paired by seed against gen 0, 90 % t-intervals."""
+    from experiments.hard_common import AUG, VIEWS, cnn_for, fmt_paired, paired, run_seeds
 
     names = _hard_names()
-    jobs = max(1, min(int(os.environ.get("KD_JOBS", "3")), len(e.seeds)))
-    with multiprocessing.get_context("fork").Pool(jobs) as pool:
-        per_seed = pool.starmap(_hard_seed, [(e, s) for s in e.seeds])
+    views = 1 if e.setting == "hard-1view" else VIEWS
+    CNN = cnn_for(views)
+    per_seed = run_seeds(_hard_seed, e, e.seeds, views)
     res = {n: [out[n] for out, _ in per_seed] for n in names}
     facts = [f for _, f in per_seed]
     base = [r["top1"] for r in res[names[0]]]
     base_nll = [r["nll"] for r in res[names[0]]]
     cmp = {n: {"top1": paired([r["top1"] for r in res[n]], base),
                "nll": paired(base_nll, [r["nll"] for r in res[n]], 1)} for n in names[1:]}
-    e.data.update({"results": res, "caches": facts, "vs_gen0": cmp, "jobs": jobs,
-                   "config": {"cnn": CNN, "ban": vars(BAN), "gens": GENS}})
+    e.data.update({"results": res, "caches": facts, "vs_gen0": cmp,
+                   "config": {"cnn": CNN, "augment": AUG if views > 1 else None, "views": views, "ban": vars(BAN),
+                              "gens": GENS}})
     rows = [[n, pm(r["top1"] for r in res[n]), pm((r["nll"] for r in res[n]), 1, 3),
              pm((r["ece"] for r in res[n]), 1, 3), "—" if n == names[0] else fmt_paired(cmp[n]["top1"]),
              "—" if n == names[0] else fmt_paired(cmp[n]["nll"], 3, "")] for n in names]
-    e.table(f"digits-hard: cnn_s (width 16) generations, 1-view caches of the train split (test split, 1080 "
-            f"images; seeds 0–{len(e.seeds) - 1}); paired vs gen 0: mean [90 % t-interval] (seeds better)",
+    where = (f"under `{AUG}`, caches of {views} stored views of it per train image" if views > 1
+             else "no augmentation, 1-view caches of the train images")
+    e.table(f"digits-hard: cnn_s (width 16, {CNN['epochs']} epochs) generations, {where} (test split, 1080 images; "
+            f"seeds 0–{len(e.seeds) - 1}); paired vs gen 0: mean [90 % t-interval] (seeds better)",
             md_table(["model", "top-1 %", "NLL", "ECE", "Δ top-1 vs gen 0", "NLL reduction vs gen 0"], rows,
                      "lrrrll"))
     crow = [[k, pm(f[k]["teacher_top1"] for f in facts), pm((f[k]["mean_entropy"] for f in facts), 1, 3)]
             for k in facts[0]]
-    e.table("digits-hard: what each generation's cache holds (train split)",
-            md_table(["teacher", "top-1 % on its train images", "mean entropy (nats)"], crow))
+    e.table("digits-hard: what each generation's cache holds (stored views of the train split)",
+            md_table(["teacher", "top-1 % on its stored train views", "mean entropy (nats)"], crow))
     e.finish()
 
 

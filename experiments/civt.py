@@ -141,53 +141,54 @@ def _plot(res: dict, name: str) -> None:
 HARD_INV = dict(student="rednet_s", image_size=16, epochs=12, lr=3e-3, dataset="digits-hard")
 
 
-def _hard_teacher(e, i: int, cnn: dict) -> tuple[dict, str]:
-    """Teacher i of `--setting hard` (0: cnn_s, 1: rednet_s), seed 0, trained under AUG and dumped over VIEWS views
-    of it (seed 0 for both, so the two caches hold the same crops): (final metrics, cache path)."""
-    from experiments.hard_common import AUG, VIEWS
+def _hard_task(e, task: tuple, cnn: dict, conds: dict) -> tuple:
+    """One run of `--setting hard`: ("teacher", 0 | 1) trains cnn_s or rednet_s (seed 0) under AUG and dumps it over
+    VIEWS views of it (seed 0 for both, so the two caches hold the same crops) -> (final metrics, cache path);
+    (i, s) trains student condition i of `conds` with seed s -> its scores by head."""
+    from experiments.hard_common import AUG, VIEWS, VIT, head_logits
 
-    name, cfg = ("cnn", cnn) if i == 0 else ("inv", HARD_INV)
-    final = e.train(name, seed=0, augment=AUG, **cfg)["final"]
-    cache = e.dump(name, name, cfg["student"], image_size=cfg["image_size"], dataset=cfg["dataset"], views=VIEWS,
-                   augment=AUG, seed=0)
-    return final, cache
-
-
-def _hard_seed(e, s: int, conds: dict) -> dict:
-    from experiments.hard_common import VIT, head_logits
-
-    out = {}
-    for i, (name, kw) in enumerate(conds.items()):
-        e.train(f"c{i}-{s}", seed=s, **VIT, **kw)
-        heads, y = head_logits(*e.load(f"c{i}-{s}"))
-        r = {"cls": scores(heads[:, 0], y)}
-        for j in range(1, heads.shape[1]):
-            r[f"dist{j}"] = scores(heads[:, j], y)
-        if heads.shape[1] > 1:
-            r["mean"] = scores(heads.mean(1), y)
-        out[name] = r
-    e.log(f"seed {s}: " + ", ".join(f"{k} {100 * v['cls']['top1']:.1f}" for k, v in out.items()))
-    return out
+    if task[0] == "teacher":
+        name, cfg = ("cnn", cnn) if task[1] == 0 else ("inv", HARD_INV)
+        final = e.train(name, seed=0, augment=AUG, **cfg)["final"]
+        return final, e.dump(name, name, cfg["student"], image_size=cfg["image_size"], dataset=cfg["dataset"],
+                             views=VIEWS, augment=AUG, seed=0)
+    i, s = task
+    name, kw = list(conds.items())[i]
+    e.train(f"c{i}-{s}", seed=s, **VIT, **kw)
+    heads, y = head_logits(*e.load(f"c{i}-{s}"))
+    r = {"cls": scores(heads[:, 0], y)}
+    for j in range(1, heads.shape[1]):
+        r[f"dist{j}"] = scores(heads[:, j], y)
+    if heads.shape[1] > 1:
+        r["mean"] = scores(heads.mean(1), y)
+    e.log(f"seed {s}, {name}: {100 * r['cls']['top1']:.1f}")
+    return r
 
 
 def main_hard(e) -> None:
     """`--setting hard` (5 seeds by default): CivT co-advising on digits-hard (kdcache.data.hard).
 
     Teachers (seed 0, labels + AUG, lr 3e-3): cnn_s (hard_common.CNN_AUG: width 16, 24 px, 36 epochs) and rednet_s
-    (involution, HARD_INV), each dumped over the same VIEWS stored views of AUG.  Students vit_nano (hard_common.VIT: patch 4 at
-    16 px, 20 epochs, lr 1e-3) replay those views, with one distillation token per teacher and CivT's Eq. 5 with
-    λ0 = λi = 1, τ = 3 as in the digits setting; the no-teacher ViT trains under AUG.  Paired by seed, 90 %
-    t-intervals."""
+    (involution, HARD_INV), each dumped over the same VIEWS stored views of AUG.  Students vit_nano
+    (hard_common.VIT: patch 4 at 16 px, 20 epochs, lr 1e-3) replay those views, with one distillation token per
+    teacher and CivT's Eq. 5 with λ0 = λi = 1, τ = 3 as in the digits setting; the no-teacher ViT trains under AUG.
+    Paired by seed, 90 % t-intervals."""
     from experiments.hard_common import AUG, CNN_AUG as CNN, VIEWS, VIT, fmt_paired, paired, run_seeds
 
     e.n_seeds = max(e.n_seeds, 5) if "--seeds" not in " ".join(e.argv) else e.n_seeds
-    (cnn_r, cnn), (inv_r, inv) = run_seeds(_hard_teacher, e, [0, 1], CNN)
+    # the two teachers and the students without one run together, then the distilled students (so that no core
+    # idles while the involution teacher trains)
+    base = {"no teacher (labels + aug)": dict(augment=AUG)}
+    first = run_seeds(_hard_task, e, [("teacher", 0), ("teacher", 1), *[(0, s) for s in e.seeds]], CNN, base)
+    (cnn_r, cnn), (inv_r, inv) = first[:2]
     teachers = {"cnn_s": cnn_r, "rednet_s": inv_r}
     e.log("teachers: " + ", ".join(f"{k} {100 * v['test_top1']:.1f}" for k, v in teachers.items()))
     facts = {"cnn_s": cache_facts(cnn), "rednet_s": cache_facts(inv), "disagreement": _disagreement(cnn, inv)}
-    conds = {"no teacher (labels + aug)": dict(augment=AUG), **_teacher_conditions(cnn, inv)}
-    per_seed = run_seeds(_hard_seed, e, e.seeds, conds)
-    res = {k: [out[k] for out in per_seed] for k in conds}
+    conds = {**base, **_teacher_conditions(cnn, inv)}
+    tasks = [(i, s) for s in e.seeds for i in range(1, len(conds))]
+    rest = dict(zip(tasks, run_seeds(_hard_task, e, tasks, CNN, conds)))
+    res = {name: [first[2 + k] if i == 0 else rest[(i, s)] for k, s in enumerate(e.seeds)]
+           for i, name in enumerate(conds)}
     names = list(conds)
     top = lambda n, h="cls": [r[h]["top1"] for r in res[n]]  # noqa: E731
     cmp = {}

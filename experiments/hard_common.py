@@ -33,6 +33,11 @@ VIEWS = 8
 # The CNN of those settings.  A probe on seed 0 under AUG showed 12 epochs leave it underfit (train loss 0.49 at
 # epoch 12 of 36 and still falling; 0.24 at 36): under augmentation it trains 36 epochs
 CNN_AUG = dict(CNN_FIT, epochs=36)
+
+
+def cnn_for(views: int) -> dict:
+    """The CNN of a setting that caches `views` views: trained under AUG to convergence, or without it (CNN_FIT)."""
+    return CNN_AUG if views > 1 else CNN_FIT
 # DeiT's and CivT's student.  Probes on seed 0 (labels, no augmentation, 20 epochs, lr 1e-3, 2 jobs on the idle
 # 2-core machine): patch 4 at 16 px (16 patches) 51 % on test in 50 s; patch 4 at 24 px (36 patches) 47 % in 118 s
 VIT = dict(student="vit_nano", student_args={"patch_size": 4}, image_size=16, epochs=20, lr=1e-3, dataset=DATA)

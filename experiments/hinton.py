@@ -185,19 +185,12 @@ def _plot(grids: dict, no3_res: dict) -> None:
     savefig(fig, "hinton.png")
 
 
-def _hard_cnn(views: int) -> dict:
-    """The CNN of the hard settings: trained under augmentation to convergence, or without for 12 epochs."""
-    from experiments.hard_common import CNN_AUG, CNN_FIT
-
-    return CNN_AUG if views > 1 else CNN_FIT
-
-
 def _hard_member(e, s: int, views: int) -> tuple:
     """CNN s of the hard settings: (test scores, test logits, its train cache, cache facts)."""
-    from experiments.hard_common import AUG, logits_on
+    from experiments.hard_common import AUG, cnn_for, logits_on
 
     aug = dict(augment=AUG) if views > 1 else {}
-    CNN = _hard_cnn(views)
+    CNN = cnn_for(views)
     e.train(f"cnn-{s}", seed=s, **aug, **CNN)
     model, size = e.load(f"cnn-{s}")
     lg, y = logits_on(model, size)
@@ -208,13 +201,21 @@ def _hard_member(e, s: int, views: int) -> tuple:
     return scores(lg, y), lg, cache, cache_facts(cache)
 
 
-def _hard_students(e, s: int, caches: list[str], ens_path: str, views: int) -> dict:
-    from experiments.hard_common import AUG, KD, MLP, logits_on
+def _to_ensemble(lg: torch.Tensor, ens_logp: torch.Tensor) -> dict:
+    """How close a model's test predictions are to the ensemble's: argmax agreement and KL(ensemble ‖ model)."""
+    return {"agree": float((lg.argmax(1) == ens_logp.argmax(1)).float().mean()),
+            "kl": float(torch.nn.functional.kl_div(lg.log_softmax(1), ens_logp, log_target=True,
+                                                   reduction="batchmean"))}
 
-    CNN = _hard_cnn(views)
+
+def _hard_students(e, s: int, caches: list[str], ens_path: str, views: int, ens_logp: torch.Tensor) -> dict:
+    from experiments.hard_common import AUG, KD, MLP, cnn_for, logits_on
+
+    CNN = cnn_for(views)
     out = {}
     e.train(f"cnn-kd-{s}", seed=100 + s, caches=(ens_path,), objective=KD, **CNN)
-    out["CNN student of the ensemble"] = scores(*logits_on(*e.load(f"cnn-kd-{s}")))
+    lg, y = logits_on(*e.load(f"cnn-kd-{s}"))
+    out["CNN student of the ensemble"] = scores(lg, y) | {"to_ensemble": _to_ensemble(lg, ens_logp)}
     e.train(f"mlp-{s}", seed=s, **(dict(augment=AUG) if views > 1 else {}), **MLP)
     out["MLP from scratch"] = scores(*logits_on(*e.load(f"mlp-{s}")))
     e.train(f"mlp-kd1-{s}", seed=s, caches=(caches[s],), objective=KD, **MLP)
@@ -231,17 +232,17 @@ def main_hard(e) -> None:
     N CNNs (cnn_s width 16, 24 px, lr 3e-3, seeds 0..N-1) are trained from labels: they are the single models and
     the ensemble's members.  `--setting hard`: every model trains under AUG (CNNs 36 epochs) and each member is
     dumped over the same VIEWS stored views of AUG of the train split, which the students replay; `--setting
-    hard-1view`: no augmentation, CNNs 12 epochs, 1-view caches of the train images.  The members' caches are merged (`kdcache merge --mode
-    mean-prob`) into the ensemble's cache; one CNN of the same architecture, budget and views per seed (training
-    seed 100 + s) distils it (T = 4, α = 0.1, fixed in experiments/hard_common.py).  Paired by seed s: single model s
-    vs the ensemble vs the student of seed s.  "Recovered" = (student − single) / (ensemble − single), pooled over
-    seeds with a 90 % bootstrap interval (resampling seeds).  Also the MLP: from scratch, KD from teacher s alone,
-    KD from the ensemble."""
-    from experiments.hard_common import AUG, KD, MLP, VIEWS, ensemble_scores, fmt_paired, paired, run_seeds
+    hard-1view`: no augmentation, CNNs 12 epochs, 1-view caches of the train images.  The members' caches are merged
+    (`kdcache merge --mode mean-prob`) into the ensemble's cache; one CNN of the same architecture, budget and views
+    per seed (training seed 100 + s) distils it (T = 4, α = 0.1, fixed in experiments/hard_common.py).  Paired by
+    seed s: single model s vs the ensemble vs the student of seed s.  "Recovered" = (student − single) / (ensemble −
+    single), pooled over seeds with a 90 % bootstrap interval (resampling seeds).  Also the MLP: from scratch, KD
+    from teacher s alone, KD from the ensemble."""
+    from experiments.hard_common import AUG, KD, MLP, VIEWS, cnn_for, ensemble_scores, fmt_paired, paired, run_seeds
     from kdcache.ops.merge import merge
 
     views = 1 if e.setting == "hard-1view" else VIEWS
-    CNN = _hard_cnn(views)
+    CNN = cnn_for(views)
     first = run_seeds(_hard_member, e, e.seeds, views)
     single = [r for r, _, _, _ in first]
     logits = [lg for _, lg, _, _ in first]
@@ -252,8 +253,11 @@ def main_hard(e) -> None:
     merge(caches, ens_path, mode="mean-prob", overwrite=True, command="experiments/hinton (ensemble)")
     ens_facts = cache_facts(ens_path)
     ens = ensemble_scores(logits, y)
+    ens_logp = torch.stack([lg.softmax(-1) for lg in logits]).mean(0).clamp_min(1e-12).log()
+    for r, lg in zip(single, logits):
+        r["to_ensemble"] = _to_ensemble(lg, ens_logp)
     e.log(f"ensemble {100 * ens['top1']:.1f}")
-    per_seed = run_seeds(_hard_students, e, e.seeds, caches, ens_path, views)
+    per_seed = run_seeds(_hard_students, e, e.seeds, caches, ens_path, views, ens_logp)
     res = {k: [out[k] for out in per_seed] for k in per_seed[0]}
 
     top = lambda rs: [r["top1"] for r in rs]  # noqa: E731
@@ -299,6 +303,12 @@ def main_hard(e) -> None:
                       ["recovered (student gain / ensemble gain)",
                        f"{100 * frac['pooled']:.0f} % [90 % bootstrap {100 * frac['lo']:.0f}, {100 * frac['hi']:.0f}]",
                        f"{100 * nll_kd['mean'] / nll_ens['mean']:.0f} %"]], "lll"))
+    kd = res["CNN student of the ensemble"]
+    e.table("digits-hard: how close each CNN's test predictions are to the ensemble's (a member is one of the five "
+            "it averages, which favours it)",
+            md_table(["model", "argmax agrees with the ensemble, %", "KL(ensemble ‖ model), nats"],
+                     [[name, pm(r["to_ensemble"]["agree"] for r in rs), pm((r["to_ensemble"]["kl"] for r in rs), 1, 3)]
+                      for name, rs in (("single CNN (a member)", single), ("CNN student of the ensemble", kd))]))
     e.table("digits-hard: the caches of the train split",
             md_table(["cache", "teacher top-1 % on the stored train views", "mean entropy (nats)"],
                      [["one CNN (mean over seeds)", pm(f["teacher_top1"] for f in facts),

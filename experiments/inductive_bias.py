@@ -31,7 +31,7 @@ from experiments.common import (
     setup,
     test_logits,
 )
-from kdcache.config import LossConfig as Objective  # the LossConfig that Exp.train resolves (was Objective)
+from kdcache.config import LossConfig as Objective
 
 TEACHER = dict(student="cnn_s", image_size=16, epochs=10)
 STUDENT = dict(student="mlp", student_args={"hidden": (256, 256)}, image_size=16, epochs=20)
@@ -135,6 +135,24 @@ def _plot(rows: dict, names: list[str], tests: list[str]) -> None:
     savefig(fig, "inductive_bias.png")
 
 
+def _hard_seed(e, s: int, names: list[str]) -> tuple[dict, dict]:
+    """Seed s of `--setting hard`: teacher s and both MLPs on every test variant; (scores by row, cache facts)."""
+    from experiments.hard_common import CNN, KD, MLP, evaluate_variants
+
+    e.train(f"teacher-{s}", seed=s, **CNN)
+    model, size = e.load(f"teacher-{s}")
+    out = {}
+    out[names[0]], tl = evaluate_variants(model, size)
+    cache = e.dump(f"teacher-{s}", f"teacher-{s}", "cnn_s", image_size=size, dataset=CNN["dataset"])
+    e.train(f"scratch-{s}", seed=s, **MLP)
+    out[names[1]] = evaluate_variants(*e.load(f"scratch-{s}"), tl)[0]
+    e.train(f"kd-{s}", seed=s, caches=(cache,), objective=KD, **MLP)
+    out[names[2]] = evaluate_variants(*e.load(f"kd-{s}"), tl)[0]
+    e.log(f"seed {s}: " + ", ".join(f"{n.split(' (')[0]} {100 * out[n]['test']['top1']:.1f}/"
+                                     f"{100 * out[n]['translated']['top1']:.1f}" for n in names))
+    return out, cache_facts(cache)
+
+
 def main_hard(e) -> None:
     """`--setting hard`: the same question on digits-hard (kdcache.data.hard), where the MLP is far from the CNN.
 
@@ -143,24 +161,12 @@ def main_hard(e) -> None:
     Evaluated on the test split and its three variants, which move the same test digits beyond the training
     range (translated 5-6 px, smaller, larger).  Seed s trains teacher s and both students with seed s; every
     comparison is paired by seed, with a 90 % t-interval over seeds."""
-    from experiments.hard_common import CNN, KD, MLP, VARIANTS, evaluate_variants, fmt_paired, paired
+    from experiments.hard_common import CNN, KD, MLP, VARIANTS, fmt_paired, paired, run_seeds
 
     names = ["CNN teacher (labels)", "MLP from scratch (labels)", "MLP KD from the CNN's cache"]
-    rows: dict[str, list[dict]] = {n: [] for n in names}
-    facts = []
-    for s in e.seeds:
-        e.train(f"teacher-{s}", seed=s, **CNN)
-        model, size = e.load(f"teacher-{s}")
-        r, tl = evaluate_variants(model, size)
-        rows[names[0]].append(r)
-        cache = e.dump(f"teacher-{s}", f"teacher-{s}", "cnn_s", image_size=size, dataset=CNN["dataset"])
-        facts.append(cache_facts(cache))
-        e.train(f"scratch-{s}", seed=s, **MLP)
-        rows[names[1]].append(evaluate_variants(*e.load(f"scratch-{s}"), tl)[0])
-        e.train(f"kd-{s}", seed=s, caches=(cache,), objective=KD, **MLP)
-        rows[names[2]].append(evaluate_variants(*e.load(f"kd-{s}"), tl)[0])
-        e.log(f"seed {s}: " + ", ".join(f"{n.split(' (')[0]} {100 * rows[n][-1]['test']['top1']:.1f}/"
-                                         f"{100 * rows[n][-1]['translated']['top1']:.1f}" for n in names))
+    per_seed = run_seeds(_hard_seed, e, e.seeds, names)
+    rows = {n: [out[n] for out, _ in per_seed] for n in names}
+    facts = [f for _, f in per_seed]
     tests = list(VARIANTS)
     cmp = {t: {"top1": paired([r[t]["top1"] for r in rows[names[2]]], [r[t]["top1"] for r in rows[names[1]]]),
                "ece": paired([r[t]["ece"] for r in rows[names[1]]], [r[t]["ece"] for r in rows[names[2]]], 1),
