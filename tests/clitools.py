@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -103,3 +105,25 @@ def tree_hash(path: str) -> dict[str, str]:
     p = Path(path)
     files = [p] if p.is_file() else sorted(q for q in p.rglob("*") if q.is_file())
     return {str(q.relative_to(p.parent)): hashlib.sha256(q.read_bytes()).hexdigest() for q in files}
+
+
+def copy_cache(src: str, dst_dir: Path) -> str:
+    """Copy a cache (zarr directory or HDF5 file) into `dst_dir` under its own name; returns the copy's path."""
+    dst = str(Path(dst_dir) / Path(src).name)
+    (shutil.copytree if src.endswith(".zarr") else shutil.copyfile)(src, dst)
+    return dst
+
+
+def flip_byte(path: str, offset: int, mask: int = 0x01) -> None:
+    """XOR one byte of a file in place (silent damage, as a bad disk does)."""
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        b = f.read(1)[0]
+        f.seek(offset)
+        f.write(bytes([b ^ mask]))
+
+
+def zarr_chunk_file(path: str, name: str = "values", c: int = 5) -> str:
+    """The file of chunk `c` (view 0) of per-view array `name` in a zarr v3 cache (docs/FORMAT.md)."""
+    return os.path.join(path, name, "c", str(c), *(["0", "0"] if name in ("values", "indices") else
+                                                   ["0"] if name == "tail" else []))

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 from pathlib import Path
 
@@ -12,16 +11,10 @@ import numpy as np
 import pytest
 import torch
 import zarr
-from clitools import error_line
+from clitools import copy_cache, error_line
 from conftest import IMAGE_SIZE, KDCACHE_BIN, TEACHER
 
 N, ROWS = 1437, 100
-
-
-def _copy(src: str, dst_dir: Path) -> str:
-    dst = str(dst_dir / Path(src).name)
-    (shutil.copytree if src.endswith(".zarr") else shutil.copyfile)(src, dst)
-    return dst
 
 
 def _no_leftovers(out: str) -> None:
@@ -40,7 +33,7 @@ def _set_attrs(path: str, **changes) -> None:
 @pytest.mark.parametrize("suffix", [".zarr", ".h5"])
 def test_existing_complete_cache_refused_then_overwritten(cli, dump_args, dump_cache, read_plain, tree_hash,
                                                           tmp_path, suffix):
-    out = _copy(dump_cache(suffix, "--topk", 3), tmp_path)
+    out = copy_cache(dump_cache(suffix, "--topk", 3), tmp_path)
     before = tree_hash(out)
     for flags in ([], ["--resume"]):
         line = error_line(cli(*dump_args, "--out", out, "--topk", 3, *flags))
@@ -87,7 +80,7 @@ def test_foreign_hdf5_file_is_never_touched(cli, dump_args, tree_hash, tmp_path)
 def test_partial_zarr_refused_then_resumed(cli, dump_args, dump_cache, read_plain, tree_hash, tmp_path):
     extra = ["--topk", 3, "--chunk-rows", ROWS]
     ref_arrays, ref_attrs = read_plain(dump_cache(".zarr", *extra))
-    out = _copy(dump_cache(".zarr", *extra), tmp_path)
+    out = copy_cache(dump_cache(".zarr", *extra), tmp_path)
     # what a crash after chunk 2 and before chunk 7 leaves: undone chunks hold anything
     g = zarr.open_group(out, mode="r+")
     g["done"][3:7] = 0
@@ -314,7 +307,7 @@ def test_info_full_cache(cli, dump_cache):
 
 
 def test_info_warns_about_near_one_hot_teacher(cli, dump_cache, tmp_path):
-    path = _copy(dump_cache(".zarr", "--topk", 3), tmp_path)
+    path = copy_cache(dump_cache(".zarr", "--topk", 3), tmp_path)
     g = zarr.open_group(path, mode="r")
     _set_attrs(path, stats=dict(g.attrs["kdcache"]["stats"]) | {"teacher_top1": 0.995})
     s = json.loads(cli("info", path, "--json").stdout)

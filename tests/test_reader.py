@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 import zarr
+from clitools import copy_cache
 
 from kdcache.errors import KDCacheError
 from kdcache.format.spec import READER_MAJOR
@@ -27,12 +28,6 @@ def topk_cache(request, dump_cache):
 @pytest.fixture(scope="module")
 def multiview_cache(dump_cache):
     return dump_cache(".zarr", "--views", 2, "--augment", "translate(0.1)+flip", "--chunk-rows", ROWS)
-
-
-def _copy(src: str, dst_dir) -> str:
-    dst = str(dst_dir / src.rstrip("/").split("/")[-1])
-    (shutil.copytree if src.endswith(".zarr") else shutil.copyfile)(src, dst)
-    return dst
 
 
 def _chunk_bytes(cache) -> int:
@@ -132,7 +127,7 @@ def test_load_equals_streaming(topk_cache):
 
 def test_corrupt_chunk_is_detected(topk_cache, tmp_path):
     """Chunk 3's values replaced by chunk 4's (valid, decodable data) without updating the checksum."""
-    path = _copy(topk_cache, tmp_path)
+    path = copy_cache(topk_cache, tmp_path)
     if path.endswith(".zarr"):
         g = zarr.open_group(path, mode="r+")
         g["values"][300:400] = g["values"][400:500]
@@ -148,7 +143,7 @@ def test_corrupt_chunk_is_detected(topk_cache, tmp_path):
 
 
 def test_partial_cache_is_refused(dump_cache, tmp_path):
-    path = _copy(dump_cache(".zarr", "--topk", 3, "--chunk-rows", ROWS), tmp_path)
+    path = copy_cache(dump_cache(".zarr", "--topk", 3, "--chunk-rows", ROWS), tmp_path)
     g = zarr.open_group(path, mode="r+")
     attrs = dict(g.attrs["kdcache"])
     attrs["status"] = "partial"
@@ -173,7 +168,7 @@ def test_missing_or_foreign_cache(tmp_path):
 
 
 def test_newer_major_version_is_refused(dump_cache, tmp_path):
-    path = _copy(dump_cache(".zarr", "--topk", 3, "--chunk-rows", ROWS), tmp_path)
+    path = copy_cache(dump_cache(".zarr", "--topk", 3, "--chunk-rows", ROWS), tmp_path)
     g = zarr.open_group(path, mode="r+")
     g.attrs["kdcache"] = dict(g.attrs["kdcache"]) | {"version": f"{READER_MAJOR + 1}.0"}
     with pytest.raises(KDCacheError, match=f"version {READER_MAJOR + 1}.0"):

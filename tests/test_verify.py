@@ -4,9 +4,6 @@ Every corruption is made with plain zarr/h5py or plain file edits on a copy of a
 damage should be caught by one specific check (NaN, index range, sort order), the stored CRC is
 recomputed first (by the rule in docs/FORMAT.md, with zlib, not kdcache's code) so the checksum check
 cannot be what catches it.
-
-Also: kdtrain streaming a cache (`--cache-ram 0`) that meets a corrupt chunk stops with one line naming
-the chunk, and leaves no checkpoint claiming an epoch it did not finish.
 """
 
 from __future__ import annotations
@@ -22,11 +19,10 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
-import torch
 import zarr
-from clitools import error_line, invoke
+from clitools import copy_cache, flip_byte, invoke, zarr_chunk_file
 
-from kdcache.cli import kdcache_main, kdtrain_main
+from kdcache.cli import kdcache_main
 
 N, ROWS, N_CHUNKS = 1437, 128, 12
 PER_VIEW = ("values", "indices", "tail", "views")
@@ -53,12 +49,6 @@ def sound(tmp_path_factory, save_teacher):
         assert r.exit_code == 0, r.output
         out[name] = str(d / name)
     return out
-
-
-def _copy(src: str, dst_dir: Path) -> str:
-    dst = str(dst_dir / Path(src).name)
-    (shutil.copytree if src.endswith(".zarr") else shutil.copyfile)(src, dst)
-    return dst
 
 
 # --- plain-format helpers (docs/FORMAT.md), independent of kdcache's code --------------------------
@@ -93,14 +83,6 @@ def _h5_attrs(path: str, change) -> None:
         a = json.loads(f.attrs["kdcache"])
         change(a)
         f.attrs["kdcache"] = json.dumps(a)
-
-
-def _flip(path: str, offset: int, mask: int = 0x01) -> None:
-    with open(path, "r+b") as f:
-        f.seek(offset)
-        b = f.read(1)[0]
-        f.seek(offset)
-        f.write(bytes([b ^ mask]))
 
 
 def _h5_chunk_offset(path: str, name: str, c: int) -> int:
@@ -200,11 +182,6 @@ def _tail_missing(p):
     shutil.rmtree(os.path.join(p, "tail"))
 
 
-def _chunk_file(p, name="values", c=5):
-    return os.path.join(p, name, "c", str(c), *(["0", "0"] if name in ("values", "indices") else
-                                                 ["0"] if name == "tail" else []))
-
-
 def _set(**kv):
     return lambda a: a.update(kv)
 
@@ -222,20 +199,20 @@ CRC_FAIL = r"^\S+: chunk \d+ \(rows \d+-\d+\), view 0: checksum mismatch"  # con
 SHAPE = r"^\S+: \w+: shape \(.*\) dtype \w+, expected shape"
 CORRUPTIONS = {
     # silent data changes in chunk files (no compression: the codec still decodes them)
-    "zarr-flip-values-byte": ("raw.zarr", lambda p: _flip(_chunk_file(p), 300),
+    "zarr-flip-values-byte": ("raw.zarr", lambda p: flip_byte(zarr_chunk_file(p), 300),
                               [CHUNK5 + r": checksum mismatch"], []),
-    "zarr-flip-indices-byte": ("raw.zarr", lambda p: _flip(_chunk_file(p, "indices", 7), 10, 0x02),
+    "zarr-flip-indices-byte": ("raw.zarr", lambda p: flip_byte(zarr_chunk_file(p, "indices", 7), 10, 0x02),
                                [r"chunk 7 \(rows 896-1023\), view 0: checksum mismatch"], []),
-    "zarr-flip-tail-byte": ("raw.zarr", lambda p: _flip(_chunk_file(p, "tail", 11), 8, 0x10),
+    "zarr-flip-tail-byte": ("raw.zarr", lambda p: flip_byte(zarr_chunk_file(p, "tail", 11), 8, 0x10),
                             [r"chunk 11 \(rows 1408-1436\), view 0: checksum mismatch"], []),
-    "zarr-flip-values-view1": ("views.zarr", lambda p: _flip(os.path.join(p, "values", "c", "5", "1", "0"), 64),
+    "zarr-flip-values-view1": ("views.zarr", lambda p: flip_byte(os.path.join(p, "values", "c", "5", "1", "0"), 64),
                                [r"chunk 5 \(rows 640-767\), view 1: checksum mismatch"], [r"view 0"]),
-    "zarr-flip-compressed-byte": ("blosc.zarr", lambda p: _flip(_chunk_file(p), os.path.getsize(_chunk_file(p)) // 2,
+    "zarr-flip-compressed-byte": ("blosc.zarr", lambda p: flip_byte(zarr_chunk_file(p), os.path.getsize(zarr_chunk_file(p)) // 2,
                                                                 0xFF),
                                   [CHUNK5 + r": (checksum mismatch|cannot be read)"], []),
-    "zarr-values-chunk-deleted": ("raw.zarr", lambda p: os.remove(_chunk_file(p, "values", 7)),
+    "zarr-values-chunk-deleted": ("raw.zarr", lambda p: os.remove(zarr_chunk_file(p, "values", 7)),
                                   [r"chunk 7 \(rows 896-1023\), view 0: checksum mismatch"], []),
-    "zarr-values-chunk-truncated": ("raw.zarr", lambda p: os.truncate(_chunk_file(p), 100),
+    "zarr-values-chunk-truncated": ("raw.zarr", lambda p: os.truncate(zarr_chunk_file(p), 100),
                                     [CHUNK5 + r": cannot be read"], []),
     "zarr-values-from-other-chunk": ("raw.zarr", _zarr(_values_from_other_chunk),
                                      [r"chunk 3 \(rows 384-511\), view 0: checksum mismatch"], [r"chunk 4"]),
@@ -296,9 +273,9 @@ CORRUPTIONS = {
                           [r"cannot open .* as a hdf5 cache \(OSError: .*truncated file"], []),
     "h5-truncated-tail": ("gzip.h5", lambda p: os.truncate(p, os.path.getsize(p) - 100),
                           [r"cannot open .* as a hdf5 cache"], []),
-    "h5-flip-values-byte": ("raw.h5", lambda p: _flip(p, _h5_chunk_offset(p, "values", 5)),
+    "h5-flip-values-byte": ("raw.h5", lambda p: flip_byte(p, _h5_chunk_offset(p, "values", 5)),
                             [CHUNK5 + r": checksum mismatch"], []),
-    "h5-flip-compressed-byte": ("gzip.h5", lambda p: _flip(p, _h5_chunk_offset(p, "values", 5), 0xFF),
+    "h5-flip-compressed-byte": ("gzip.h5", lambda p: flip_byte(p, _h5_chunk_offset(p, "values", 5), 0xFF),
                                 [CHUNK5 + r": (checksum mismatch|cannot be read)"], []),
     "h5-attr-n-wrong": ("raw.h5", lambda p: _h5_attrs(p, _set(n=1000)),
                         [r"labels: shape \(1437,\) dtype int64, expected shape \(1000,\)"], [],
@@ -322,7 +299,7 @@ def _h5_edit(path: str, name: str, row: int) -> None:
 def test_corruption_is_reported_precisely(sound, tmp_path, case):
     src, damage, must, must_not, *also = CORRUPTIONS[case]
     also = also[0] if also else []
-    path = _copy(sound[src], tmp_path)
+    path = copy_cache(sound[src], tmp_path)
     damage(path)
     report = _verify_failure(path)
     problems = report.splitlines()[:-1]
@@ -342,7 +319,7 @@ def test_corruption_is_reported_precisely(sound, tmp_path, case):
     (_set(n_views=0), ["views=0"]),
 ])
 def test_impossible_layout_attributes_are_one_clean_line(sound, tmp_path, change, words):
-    path = _copy(sound["raw.zarr"], tmp_path)
+    path = copy_cache(sound["raw.zarr"], tmp_path)
     _zarr_attrs(path, change)
     report = _verify_failure(path)
     for w in words:
@@ -366,7 +343,7 @@ DAMAGED_METADATA = {
 @pytest.mark.parametrize("case", list(DAMAGED_METADATA))
 def test_damaged_metadata_is_reported_not_a_traceback(sound, tmp_path, case):
     damage, pattern = DAMAGED_METADATA[case]
-    path = _copy(sound["raw.zarr"], tmp_path)
+    path = copy_cache(sound["raw.zarr"], tmp_path)
     damage(path)
     report = _verify_failure(path)
     assert re.search(pattern, report), report
@@ -382,55 +359,3 @@ def test_verify_missing_and_foreign_paths(tmp_path):
     assert "not a kdcache cache" in _verify_failure(str(tmp_path / "other.h5"))
     (tmp_path / "junk.h5").write_bytes(os.urandom(4096))
     assert "cannot open" in _verify_failure(str(tmp_path / "junk.h5"))
-
-
-# --- kdtrain meets a corrupt chunk -------------------------------------------------------------------
-
-def _kdtrain(cache: str, out, *extra):
-    return invoke(kdtrain_main, ["--cache", cache, "--student", "mlp", "--student-arg", "hidden=(8,)",
-                               "--cache-ram", 0, "--batch-size", 256, "--quiet", "--no-plots", "--device", "cpu",
-                               "--out", out, *extra])
-
-
-def test_kdtrain_stops_at_a_corrupt_chunk_with_one_line(sound, tmp_path):
-    path = _copy(sound["raw.zarr"], tmp_path)
-    _flip(_chunk_file(path), 300)
-    run = tmp_path / "run"
-    line = error_line(_kdtrain(path, run, "--epochs", 2))
-    assert re.search(r"chunk 5 \(rows 640-767, view 0\) of .*raw\.zarr fails its checksum", line), line
-    assert "kdcache verify" in line
-    assert not (run / "last.pt").exists() and not (run / "metrics.json").exists()
-
-
-def test_kdtrain_corrupt_chunk_in_epoch_2_keeps_epoch_1_checkpoint(sound, tmp_path, monkeypatch):
-    """The chunk goes bad on disk after epoch 1 (a tiny LRU makes epoch 2 read it again)."""
-    from kdcache.io import reader
-    from kdcache.train import recipe, run_dir
-
-    path = _copy(sound["raw.zarr"], tmp_path)
-    monkeypatch.setattr(recipe, "open_cache", lambda p, require_complete=True: reader.open_cache(
-        p, require_complete=require_complete, lru_bytes=0))
-    orig_end = run_dir.RunDir.end_epoch
-
-    def end_epoch(self, row, *a, **kw):
-        best = orig_end(self, row, *a, **kw)
-        if row["epoch"] == 1:
-            _flip(_chunk_file(path), 300)
-        return best
-
-    monkeypatch.setattr(run_dir.RunDir, "end_epoch", end_epoch)
-    run = tmp_path / "run"
-    line = error_line(_kdtrain(path, run, "--epochs", 3))
-    assert re.search(r"chunk 5 \(rows 640-767, view 0\) of .* fails its checksum", line), line
-    last = torch.load(run / "last.pt", map_location="cpu", weights_only=True)
-    best = torch.load(run / "best.pt", map_location="cpu", weights_only=True)
-    assert last["epoch"] == 1 and best["epoch"] == 1
-    assert all(torch.equal(last["model"][k], best["model"][k]) for k in best["model"])
-    assert len((run / "log.csv").read_text().splitlines()) == 2  # header + epoch 1
-    assert not (run / "metrics.json").exists()
-    # and the epoch-1 checkpoint still resumes once the cache is sound again
-    _flip(_chunk_file(path), 300)
-    r = _kdtrain(path, run, "--epochs", 2, "--resume")
-    assert r.exit_code == 0, r.output
-    assert torch.load(run / "last.pt", map_location="cpu", weights_only=True)["epoch"] == 2
-
