@@ -119,13 +119,12 @@ def _plot(res: dict, names: list[str]) -> None:
 
 def _hard_seed(e, s: int, n_views: int) -> tuple[dict, dict]:
     """One seed of a hard setting: gen 0..GENS, the BAN ensemble, CWTM and DKPP; (scores by row, cache facts)."""
-    from experiments.hard_common import AUG, cnn_for, ensemble_scores, logits_on
+    from experiments.hard_common import cnn_for, ensemble_scores, logits_on, replay
 
     names = _hard_names()
     out: dict[str, dict] = {}
     CNN = cnn_for(n_views)
-    aug = dict(augment=AUG) if n_views > 1 else {}
-    views = dict(views=n_views, seed=s, **aug) if n_views > 1 else {}
+    aug, views = replay(n_views, seed=s)
     e.train(f"gen0-{s}", seed=s, **aug, **CNN)
     lg, y = logits_on(*e.load(f"gen0-{s}"))
     logits = [lg]
@@ -162,7 +161,7 @@ def main_hard(e) -> None:
     cache.  `--setting hard-1view`: no augmentation, 12 epochs (CNN_FIT), 1-view caches of the train images.  The
     BAN ensemble averages the softmax of gens 1-3.  Generation g of seed s trains with seed 100 g + s; CWTM/DKPP
     with 100 + s.  Paired by seed against gen 0, 90 % t-intervals."""
-    from experiments.hard_common import AUG, VIEWS, cnn_for, fmt_paired, paired, run_seeds
+    from experiments.hard_common import AUG, VIEWS, cnn_for, fmt_paired, paired, run_seeds, views_text
 
     names = _hard_names()
     views = 1 if e.setting == "hard-1view" else VIEWS
@@ -180,10 +179,8 @@ def main_hard(e) -> None:
     rows = [[n, pm(r["top1"] for r in res[n]), pm((r["nll"] for r in res[n]), 1, 3),
              pm((r["ece"] for r in res[n]), 1, 3), "—" if n == names[0] else fmt_paired(cmp[n]["top1"]),
              "—" if n == names[0] else fmt_paired(cmp[n]["nll"], 3, "")] for n in names]
-    where = (f"under `{AUG}`, caches of {views} stored views of it per train image" if views > 1
-             else "no augmentation, 1-view caches of the train images")
-    e.table(f"digits-hard: cnn_s (width 16, {CNN['epochs']} epochs) generations, {where} (test split, 1080 images; "
-            f"seeds 0–{len(e.seeds) - 1}); paired vs gen 0: mean [90 % t-interval] (seeds better)",
+    e.table(f"digits-hard: cnn_s (width 16, {CNN['epochs']} epochs) generations, {views_text(views)} (test split, "
+            f"1080 images; seeds 0–{len(e.seeds) - 1}); paired vs gen 0: mean [90 % t-interval] (seeds better)",
             md_table(["model", "top-1 %", "NLL", "ECE", "Δ top-1 vs gen 0", "NLL reduction vs gen 0"], rows,
                      "lrrrll"))
     crow = [[k, pm(f[k]["teacher_top1"] for f in facts), pm((f[k]["mean_entropy"] for f in facts), 1, 3)]

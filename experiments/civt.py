@@ -27,7 +27,6 @@ import numpy as np
 
 from experiments.common import (
     cache_facts,
-    scores,
     head_scores,
     md_table,
     mean_std,
@@ -145,7 +144,7 @@ def _hard_task(e, task: tuple, cnn: dict, conds: dict) -> tuple:
     """One run of `--setting hard`: ("teacher", 0 | 1) trains cnn_s or rednet_s (seed 0) under AUG and dumps it over
     VIEWS views of it (seed 0 for both, so the two caches hold the same crops) -> (final metrics, cache path);
     (i, s) trains student condition i of `conds` with seed s -> its scores by head."""
-    from experiments.hard_common import AUG, VIEWS, VIT, head_logits
+    from experiments.hard_common import AUG, VIEWS, VIT, head_scores
 
     if task[0] == "teacher":
         name, cfg = ("cnn", cnn) if task[1] == 0 else ("inv", HARD_INV)
@@ -155,12 +154,7 @@ def _hard_task(e, task: tuple, cnn: dict, conds: dict) -> tuple:
     i, s = task
     name, kw = list(conds.items())[i]
     e.train(f"c{i}-{s}", seed=s, **VIT, **kw)
-    heads, y = head_logits(*e.load(f"c{i}-{s}"))
-    r = {"cls": scores(heads[:, 0], y)}
-    for j in range(1, heads.shape[1]):
-        r[f"dist{j}"] = scores(heads[:, j], y)
-    if heads.shape[1] > 1:
-        r["mean"] = scores(heads.mean(1), y)
+    r = head_scores(*e.load(f"c{i}-{s}"))
     e.log(f"seed {s}, {name}: {100 * r['cls']['top1']:.1f}")
     return r
 

@@ -29,7 +29,6 @@ import numpy as np
 
 from experiments.common import (
     cache_facts,
-    scores,
     head_scores,
     md_table,
     mean_std,
@@ -157,18 +156,13 @@ LONG_EPOCHS = 60  # --setting hard-long: the same students at three times the bu
 
 
 def _hard_seed(e, s: int, conds: dict, vit: dict) -> dict:
-    from experiments.hard_common import head_logits
+    from experiments.hard_common import head_scores
 
     out = {}
     for name, kw in conds.items():
         run = _run_name(name, s)
         e.train(run, seed=s, **vit, **kw)
-        heads, y = head_logits(*e.load(run))
-        r = {"cls": scores(heads[:, 0], y)}
-        if heads.shape[1] > 1:
-            r["dist1"] = scores(heads[:, 1], y)
-            r["mean"] = scores(heads.mean(1), y)
-        out[name] = r
+        out[name] = head_scores(*e.load(run))
     e.log(f"seed {s}: " + ", ".join(f"{k} {100 * v['cls']['top1']:.1f}" for k, v in out.items()))
     return out
 

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from experiments.common import head_logits as common_head_logits
+from experiments.common import head_scores as common_head_scores
 from experiments.common import paired_t, scores, test_logits
 from kdcache.config import LossConfig
 
@@ -38,6 +38,20 @@ CNN_AUG = dict(CNN_FIT, epochs=36)
 def cnn_for(views: int) -> dict:
     """The CNN of a setting that caches `views` views: trained under AUG to convergence, or without it (CNN_FIT)."""
     return CNN_AUG if views > 1 else CNN_FIT
+
+
+def replay(views: int, seed: int) -> tuple[dict, dict]:
+    """(training keywords, dump keywords) of a setting that caches `views` views: models from labels train under
+    AUG and teachers are dumped over `views` views of it drawn with `seed`; nothing of either for 1 view."""
+    if views == 1:
+        return {}, {}
+    return {"augment": AUG}, {"views": views, "augment": AUG, "seed": seed}
+
+
+def views_text(views: int) -> str:
+    """How a setting's models see the train images, for table titles."""
+    return (f"under `{AUG}`, caches of {views} stored views of it per train image" if views > 1
+            else "no augmentation, 1-view caches of the train images")
 # DeiT's and CivT's student.  Probes on seed 0 (labels, no augmentation, 20 epochs, lr 1e-3, 2 jobs on the idle
 # 2-core machine): patch 4 at 16 px (16 patches) 51 % on test in 50 s; patch 4 at 24 px (36 patches) 47 % in 118 s
 VIT = dict(student="vit_nano", student_args={"patch_size": 4}, image_size=16, epochs=20, lr=1e-3, dataset=DATA)
@@ -64,9 +78,9 @@ def logits_on(model: torch.nn.Module, size: int, spec: str = DATA) -> tuple[torc
     return test_logits(model, size, spec)
 
 
-def head_logits(model: torch.nn.Module, size: int, spec: str = DATA) -> tuple[torch.Tensor, torch.Tensor]:
-    """experiments.common.head_logits on digits-hard by default."""
-    return common_head_logits(model, size, spec)
+def head_scores(model: torch.nn.Module, size: int, spec: str = DATA) -> dict:
+    """experiments.common.head_scores (every head of a distillation-token model) on digits-hard by default."""
+    return common_head_scores(model, size, spec)
 
 
 def evaluate_variants(model: torch.nn.Module, size: int, teacher_logits: dict | None = None) -> tuple[dict, dict]:

@@ -187,16 +187,15 @@ def _plot(grids: dict, no3_res: dict) -> None:
 
 def _hard_member(e, s: int, views: int) -> tuple:
     """CNN s of the hard settings: (test scores, test logits, its train cache, cache facts)."""
-    from experiments.hard_common import AUG, cnn_for, logits_on
+    from experiments.hard_common import cnn_for, logits_on, replay
 
-    aug = dict(augment=AUG) if views > 1 else {}
+    # every member is dumped over the same views (one seed), so their caches merge view by view
+    train_kw, dump_kw = replay(views, seed=0)
     CNN = cnn_for(views)
-    e.train(f"cnn-{s}", seed=s, **aug, **CNN)
+    e.train(f"cnn-{s}", seed=s, **train_kw, **CNN)
     model, size = e.load(f"cnn-{s}")
     lg, y = logits_on(model, size)
-    # every member is dumped over the same views (one seed), so their caches merge view by view
-    cache = e.dump(f"cnn-{s}", f"cnn-{s}", "cnn_s", image_size=size, dataset=CNN["dataset"],
-                   **(dict(views=views, seed=0) | aug if views > 1 else {}))
+    cache = e.dump(f"cnn-{s}", f"cnn-{s}", "cnn_s", image_size=size, dataset=CNN["dataset"], **dump_kw)
     e.log(f"cnn {s}: {100 * scores(lg, y)['top1']:.1f}")
     return scores(lg, y), lg, cache, cache_facts(cache)
 
@@ -209,14 +208,14 @@ def _to_ensemble(lg: torch.Tensor, ens_logp: torch.Tensor) -> dict:
 
 
 def _hard_students(e, s: int, caches: list[str], ens_path: str, views: int, ens_logp: torch.Tensor) -> dict:
-    from experiments.hard_common import AUG, KD, MLP, cnn_for, logits_on
+    from experiments.hard_common import KD, MLP, cnn_for, logits_on, replay
 
     CNN = cnn_for(views)
     out = {}
     e.train(f"cnn-kd-{s}", seed=100 + s, caches=(ens_path,), objective=KD, **CNN)
     lg, y = logits_on(*e.load(f"cnn-kd-{s}"))
     out["CNN student of the ensemble"] = scores(lg, y) | {"to_ensemble": _to_ensemble(lg, ens_logp)}
-    e.train(f"mlp-{s}", seed=s, **(dict(augment=AUG) if views > 1 else {}), **MLP)
+    e.train(f"mlp-{s}", seed=s, **replay(views, seed=0)[0], **MLP)
     out["MLP from scratch"] = scores(*logits_on(*e.load(f"mlp-{s}")))
     e.train(f"mlp-kd1-{s}", seed=s, caches=(caches[s],), objective=KD, **MLP)
     out["MLP KD from CNN s"] = scores(*logits_on(*e.load(f"mlp-kd1-{s}")))
@@ -238,7 +237,8 @@ def main_hard(e) -> None:
     seed s: single model s vs the ensemble vs the student of seed s.  "Recovered" = (student − single) / (ensemble −
     single), pooled over seeds with a 90 % bootstrap interval (resampling seeds).  Also the MLP: from scratch, KD
     from teacher s alone, KD from the ensemble."""
-    from experiments.hard_common import AUG, KD, MLP, VIEWS, cnn_for, ensemble_scores, fmt_paired, paired, run_seeds
+    from experiments.hard_common import AUG, KD, MLP, VIEWS, cnn_for, ensemble_scores, fmt_paired, paired, run_seeds, \
+        views_text
     from kdcache.ops.merge import merge
 
     views = 1 if e.setting == "hard-1view" else VIEWS
@@ -290,8 +290,7 @@ def main_hard(e) -> None:
         base = single if k.startswith("CNN") else res["MLP from scratch"]
         rows.append([k, pm(top(v)), pm((r["nll"] for r in v), 1, 3), pm((r["ece"] for r in v), 1, 3),
                      "—" if k == "MLP from scratch" else fmt_paired(paired(top(v), top(base)))])
-    where = (f"every model trained under `{AUG}`, caches of {views} stored views of it per train image" if views > 1
-             else "no augmentation, 1-view caches of the train images")
+    where = f"every model trained {views_text(views)}" if views > 1 else views_text(views)
     e.table(f"digits-hard, {where}: ensemble → one model (test split, 1080 images; seeds 0–{n - 1}); paired "
             "column: vs the single CNN of the same seed (CNN rows) or the MLP from scratch (MLP rows), mean [90 % "
             "t-interval] (seeds better)",
